@@ -34,6 +34,10 @@ class GlobalModel(nn.Module):
         """Dense feature map [B, C, h, w] a re-ranker consumes (not every model has one)."""
         raise NotImplementedError(f"{type(self).__name__} has no re-ranking feature map")
 
+    def embed_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Descriptor and re-rank map of one input; models that share a trunk override it to run once."""
+        return self(x), self.rerank_map(x)
+
     def describe(self) -> dict[str, Any]:
         """What determines the descriptors, for a feature store's config hash."""
         return {"preset": self.preset_name, "class": type(self).__name__, "dim": self.dim,

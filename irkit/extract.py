@@ -1,0 +1,235 @@
+"""Descriptor extraction: multi-scale as each method does it, batched where shapes allow, with image
+decoding overlapped with compute, resumable into a FeatureStore (bad images logged and skipped)."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from irkit.errors import ConfigError, ImageError
+from irkit.io.images import crop_bbx, load_image, resize_max_side, resize_scale, to_tensor
+from irkit.models.base import GlobalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to extract: a stable id, its file, and an optional crop box [x1, y1, x2, y2]."""
+
+    id: str
+    path: str
+    bbx: tuple[float, float, float, float] | None = None
+
+
+def check_scales(scales: Sequence[float] | None, model: GlobalModel) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in (scales if scales else model.default_scales))
+    if not scales or any(not np.isfinite(s) or s <= 0 or s > 8 for s in scales):
+        raise ConfigError(f"scales must be positive numbers up to 8, got {list(scales)}")
+    return scales
+
+
+def scaled_inputs(model: GlobalModel, img: np.ndarray, scales: Sequence[float]) -> list[torch.Tensor]:
+    """The network inputs [3, H, W] of one uint8 RGB image at each scale, in the model's convention.
+
+    Resizing happens on uint8 data (max side first, then each scale), as the published code does."""
+    spec = model.input_spec
+    if spec.max_side:
+        img = resize_max_side(img, spec.max_side, spec.interp_down, spec.interp_up)
+    return [to_tensor(resize_scale(img, s, spec.interp_down, spec.interp_up), spec) for s in scales]
+
+
+def reduce_scales(per_scale: torch.Tensor, how: str) -> torch.Tensor:
+    """Combine [S, B, D] per-scale L2-normalised descriptors into [B, D], then L2."""
+    if how == "mean":
+        out = per_scale.mean(0)
+    elif how == "sum":
+        out = per_scale.sum(0)
+    elif how == "max":
+        out = per_scale.max(0).values
+    else:
+        raise ConfigError(f"unknown scale reduction {how!r}; use mean, sum or max")
+    return F.normalize(out, dim=-1)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
+                  with_maps: bool = False, map_scale_index: int | None = None
+                  ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Descriptors of images given as per-scale input tensors ``inputs[i][s]``.
+
+    Images whose inputs have the same shapes at every scale run as one batch. With ``with_maps``,
+    the re-rank map is taken at scale index ``map_scale_index`` (the scale 1.0 input)."""
+    device = next(model.parameters()).device
+    n = len(inputs)
+    descs: list[torch.Tensor | None] = [None] * n
+    maps: list[np.ndarray | None] = [None] * n
+    groups: dict[tuple, list[int]] = {}
+    for i, per_scale in enumerate(inputs):
+        groups.setdefault(tuple(tuple(t.shape) for t in per_scale), []).append(i)
+    for members in groups.values():
+        per_scale_out = []
+        for s in range(len(inputs[members[0]])):
+            batch = torch.stack([inputs[i][s] for i in members]).to(device)
+            with _autocast(device):
+                if with_maps and s == map_scale_index:
+                    desc, fmap = model.embed_and_map(batch)
+                    for j, i in enumerate(members):
+                        maps[i] = fmap[j].float().cpu().numpy()
+                else:
+                    desc = model(batch)
+            per_scale_out.append(F.normalize(desc.float(), dim=-1))
+        reduced = reduce_scales(torch.stack(per_scale_out), model.scale_reduce).cpu()
+        for j, i in enumerate(members):
+            descs[i] = reduced[j]
+    out = torch.stack(descs).numpy().astype(np.float32) if n else np.zeros((0, model.dim), np.float32)
+    return out, (maps if with_maps else None)  # type: ignore[return-value]
+
+
+def embed_arrays(model: GlobalModel, images: Sequence[np.ndarray], scales: Sequence[float] | None = None,
+                 batch_size: int = 16) -> np.ndarray:
+    """Descriptors [N, D] (float32, L2-normalised) of uint8 RGB images, in input order."""
+    scales = check_scales(scales, model)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        inputs = [scaled_inputs(model, img, scales) for img in images[start:start + batch_size]]
+        chunks.append(embed_tensors(model, inputs)[0])
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
+
+
+def embed_files(model: GlobalModel, paths: Sequence[str | Path], scales: Sequence[float] | None = None,
+                batch_size: int = 16) -> np.ndarray:
+    """Descriptors of image files, in input order; a bad file raises ImageError naming it."""
+    return embed_arrays(model, [load_image(p) for p in paths], scales, batch_size)
+
+
+def model_config(model: GlobalModel, scales: Sequence[float], with_maps: bool) -> dict[str, Any]:
+    """Everything that determines a store's descriptors (its hash guards against mixing)."""
+    cfg = model.describe()
+    cfg.update(scales=[float(s) for s in scales], weights=getattr(model, "weights_id", "unknown"),
+               rerank_maps=bool(with_maps))
+    return cfg
+
+
+def _load(item: Item, model: GlobalModel, scales: tuple[float, ...]):
+    try:
+        img = load_image(item.path)
+        if item.bbx is not None:
+            img = crop_bbx(img, item.bbx)
+        return item, scaled_inputs(model, img, scales), None
+    except ImageError as err:
+        return item, None, str(err)
+
+
+def _prefetch(items: Sequence[Item], model: GlobalModel, scales: tuple[float, ...],
+              workers: int) -> Iterator[tuple[Item, list[torch.Tensor] | None, str | None]]:
+    """Decode and resize images in threads, a bounded window ahead of the consumer, in order."""
+    if workers <= 0:
+        for item in items:
+            yield _load(item, model, scales)
+        return
+    window = max(4, workers * 4)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = []
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(_load, item, model, scales))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+
+def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str | Path, *,
+                     scales: Sequence[float] | None = None, with_maps: bool = False,
+                     batch_size: int = 8, flush_every: int = 64, dtype: str = "float16",
+                     workers: int = 2, progress: bool = True):
+    """Extract every item not yet in the store at ``store_dir`` (so an interrupted run resumes).
+
+    Descriptors are flushed to the store every ``flush_every`` images; unreadable images are
+    logged in the store's failure log and skipped."""
+    from irkit.store import FeatureStore
+
+    scales = check_scales(scales, model)
+    if with_maps and not model.has_rerank_map:
+        raise ConfigError(f"model {model.preset_name} has no re-ranking feature map")
+    map_index = _scale_one_index(scales) if with_maps else None
+    store = FeatureStore.open_or_create(store_dir, model=model.preset_name,
+                                        config=model_config(model, scales, with_maps),
+                                        dim=model.dim, dtype=dtype)
+    items = list(items)
+    _check_unique_ids(items)
+    failed = {f.get("id") for f in store.failures}
+    todo = [it for it in items if it.id not in store and it.id not in failed]
+    if len(todo) < len(items):
+        log.info("store %s already holds %d of %d images; extracting %d", store_dir,
+                 len(items) - len(todo), len(items), len(todo))
+    buf_items: list[Item] = []
+    buf_inputs: list[list[torch.Tensor]] = []
+    pending_ids: list[str] = []
+    pending_paths: list[str] = []
+    pending_desc: list[np.ndarray] = []
+    pending_maps: list[np.ndarray] = []
+
+    def run_batch() -> None:
+        descs, maps = embed_tensors(model, buf_inputs, with_maps, map_index)
+        pending_ids.extend(i.id for i in buf_items)
+        pending_paths.extend(i.path for i in buf_items)
+        pending_desc.append(descs)
+        if maps is not None:
+            pending_maps.extend(maps)
+        buf_items.clear()
+        buf_inputs.clear()
+
+    def flush() -> None:
+        if pending_ids:
+            store.add(list(pending_ids), list(pending_paths), np.concatenate(pending_desc),
+                      maps=list(pending_maps) if with_maps else None)
+        for lst in (pending_ids, pending_paths, pending_desc, pending_maps):
+            lst.clear()
+
+    bar = tqdm(total=len(todo), desc=f"extract {model.preset_name}", unit="img", disable=not progress)
+    for item, inputs, error in _prefetch(todo, model, scales, workers):
+        bar.update(1)
+        if error is not None:
+            log.warning("skipping %s", error)
+            store.log_failure(item.path, error, id=item.id)
+            continue
+        buf_items.append(item)
+        buf_inputs.append(inputs)
+        if len(buf_items) >= batch_size:
+            run_batch()
+        if len(pending_ids) >= flush_every:
+            flush()
+    if buf_items:
+        run_batch()
+    flush()
+    bar.close()
+    return store
+
+
+def _scale_one_index(scales: Sequence[float]) -> int:
+    for i, s in enumerate(scales):
+        if abs(s - 1.0) < 1e-9:
+            return i
+    raise ConfigError(f"re-rank maps are taken at scale 1.0, which is not among the scales {list(scales)}")
+
+
+def _check_unique_ids(items: Sequence[Item]) -> None:
+    seen: set[str] = set()
+    dups = [it.id for it in items if it.id in seen or seen.add(it.id)]  # type: ignore[func-returns-value]
+    if dups:
+        raise ConfigError(f"{len(dups)} duplicate image ids, e.g. {dups[:3]}")
