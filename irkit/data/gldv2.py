@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class LabelledImages:
         return int(self.classes.size)
 
 
-def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, object]:
+def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, TextIO]:
     if not path.is_file():
         raise DatasetError(f"GLDv2 file {path} not found")
     fh = open(path, encoding="utf-8", newline="")
@@ -95,7 +96,7 @@ def load_train_clean(csv_path: str | os.PathLike) -> LabelledImages:
     reader, fh = _open_csv(path, ("landmark_id", "images"))
     ids: list[str] = []
     lms: list[int] = []
-    with fh:  # type: ignore[attr-defined]
+    with fh:
         for lineno, row in enumerate(reader, 2):
             lm = _landmark(row["landmark_id"], path, lineno)
             imgs = (row["images"] or "").split()
@@ -113,7 +114,7 @@ def load_train_csv(csv_path: str | os.PathLike) -> LabelledImages:
     ids: list[str] = []
     lms: list[int] = []
     urls: list[str] = []
-    with fh:  # type: ignore[attr-defined]
+    with fh:
         for lineno, row in enumerate(reader, 2):
             ident = (row["id"] or "").strip()
             if not ident:
@@ -130,7 +131,7 @@ def load_image_ids(csv_path: str | os.PathLike) -> list[str]:
     reader, fh = _open_csv(path, ("id",))
     ids: list[str] = []
     seen: set[str] = set()
-    with fh:  # type: ignore[attr-defined]
+    with fh:
         for lineno, row in enumerate(reader, 2):
             ident = (row["id"] or "").strip()
             if not ident:
@@ -164,7 +165,7 @@ def load_retrieval_solution(csv_path: str | os.PathLike) -> RetrievalSolution:
     reader, fh = _open_csv(path, ("id", "images", "Usage"))
     relevant: dict[str, list[str]] = {}
     usage: dict[str, str] = {}
-    with fh:  # type: ignore[attr-defined]
+    with fh:
         for lineno, row in enumerate(reader, 2):
             qid = (row["id"] or "").strip()
             use = (row["Usage"] or "").strip().capitalize()

@@ -125,8 +125,9 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int | None) -> np.ndarray:
         raise ImageError(f"{name}: refused, image too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image format (corrupt file or not an image)") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: cannot read image header ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = "truncated file" if "truncated" in str(exc).lower() else str(exc)
+        raise ImageError(f"{name}: cannot read image header ({reason})") from exc
     with img:
         width, height = img.size
         if width <= 0 or height <= 0:

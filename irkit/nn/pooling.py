@@ -1,5 +1,9 @@
-"""Global pooling of a conv map [B, C, H, W] into [B, C]: functional and module forms."""
+"""Global and regional pooling of a conv map [B, C, H, W]: MAC, SPoC, GeM, R-MAC (Tolias grid),
+regional GeM and pooling over arbitrary box lists; functional and module forms."""
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,3 +34,168 @@ class GeM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={float(self.p.detach()[0]):.4f}, eps={self.eps}"
+
+
+# --- MAC / SPoC ----------------------------------------------------------------------------------
+def mac(x: Tensor) -> Tensor:
+    """Maximum activation of convolutions: per-channel max over positions, [B, C, H, W] -> [B, C]."""
+    return x.amax(dim=(-2, -1))
+
+
+def spoc(x: Tensor) -> Tensor:
+    """Sum-pooled convolutional features, as the mean over positions (scale-free; GeM with p=1)."""
+    return x.mean(dim=(-2, -1))
+
+
+class MAC(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return mac(x)
+
+
+class SPoC(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return spoc(x)
+
+
+# --- regions (Tolias R-MAC grid, or any box list) -------------------------------------------------
+def _long_side_extra(H: int, W: int, overlap: float) -> int:
+    """Extra regions along the longer side: level 1 places n in 2..7 squares of side min(H, W),
+    uniformly from border to border, picking the n whose overlap (w - b) / w, b = step between
+    starts, is closest to ``overlap``; the extra count n - 1 is kept at every level."""
+    if H == W:
+        return 0
+    w, long = min(H, W), max(H, W)
+    best_n, best_err = 2, float("inf")
+    for n in range(2, 8):
+        step = (long - w) / (n - 1)
+        err = abs((w - step) / w - overlap)
+        if err < best_err:
+            best_n, best_err = n, err
+    return best_n - 1
+
+
+def rmac_regions(H: int, W: int, L: int = 3, overlap: float = 0.4, whole_image: bool = False) -> Tensor:
+    """Boxes of the Tolias R-MAC grid on an H x W map: int64 [R, 4] as (x1, y1, x2, y2), end-exclusive.
+
+    Level l = 1..L has square regions of side floor(2 min(H, W) / (l + 1)); l regions along the
+    shorter side and l + m along the longer one (m from :func:`_long_side_extra`), uniformly spaced
+    from one border to the other (start k = floor(k * step)). ``whole_image`` prepends (0, 0, W, H)
+    (cirtorch's variant; Tolias' and Gordo's grids do not have it). Levels are listed coarse to
+    fine, row-major within a level.
+    """
+    if H < 1 or W < 1 or L < 0:
+        raise ValueError(f"rmac_regions needs H, W >= 1 and L >= 0, got H={H}, W={W}, L={L}")
+    extra = _long_side_extra(H, W, overlap)
+    extra_w, extra_h = (extra, 0) if W > H else (0, extra)
+    boxes: list[tuple[int, int, int, int]] = [(0, 0, W, H)] if whole_image else []
+    for level in range(1, L + 1):
+        side = max(1, (2 * min(H, W)) // (level + 1))
+        starts = []
+        for length, n in ((H, level + extra_h), (W, level + extra_w)):
+            step = (length - side) / (n - 1) if n > 1 else 0.0
+            starts.append([int(math.floor(k * step)) for k in range(n)])
+        for y in starts[0]:
+            for x0 in starts[1]:
+                boxes.append((x0, y, x0 + side, y + side))
+    return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
+
+
+def pool_regions(x: Tensor, boxes: Tensor | Sequence[Sequence[int]], kind: str = "max",
+                 p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:
+    """Pool every box of ``boxes`` ([R, 4] (x1, y1, x2, y2) end-exclusive ints in map coordinates,
+    shared by the batch, or [B, R, 4] per image) out of ``x`` [B, C, H, W] -> [B, R, C].
+
+    ``kind``: "max" (MAC), "avg" (SPoC) or "gem" (power ``p``). Plain slicing, so arbitrary box
+    lists (e.g. learned region proposals) work and gradients flow to ``x`` (and ``p``).
+    """
+    if kind not in ("max", "avg", "gem"):
+        raise ValueError(f"pool_regions kind must be 'max', 'avg' or 'gem', got {kind!r}")
+    b = torch.as_tensor(boxes, dtype=torch.long)
+    if b.dim() == 2 and b.size(-1) == 4:  # shared boxes: slice the whole batch at once
+        return torch.stack([_pool_box(x, box, kind, p, eps) for box in b.tolist()], dim=1)
+    if b.dim() != 3 or b.size(-1) != 4 or b.size(0) != x.size(0):
+        raise ValueError(f"boxes must be [R, 4] or [B, R, 4] with B={x.size(0)}, got {tuple(b.shape)}")
+    return torch.cat([torch.stack([_pool_box(x[i:i + 1], box, kind, p, eps) for box in b[i].tolist()], dim=1)
+                      for i in range(x.size(0))], dim=0)
+
+
+def _pool_box(x: Tensor, box: Sequence[int], kind: str, p: Tensor | float, eps: float) -> Tensor:
+    H, W = x.shape[-2:]
+    x1, y1, x2, y2 = box
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(W, x2), min(H, y2)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"empty region {tuple(box)} on a {H}x{W} map")
+    patch = x[:, :, y1:y2, x1:x2]
+    if kind == "max":
+        return mac(patch)
+    return spoc(patch) if kind == "avg" else gem(patch, p, eps)
+
+
+def regional_descriptor(x: Tensor, boxes: Tensor, kind: str = "max", proj: nn.Module | None = None,
+                        p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:
+    """R-MAC aggregation: per region pool -> L2 -> ``proj`` (shift + FC / PCA-whitening; skipped when
+    None) -> L2, summed over regions -> L2. Returns [B, D]."""
+    r = F.normalize(pool_regions(x, boxes, kind, p, eps), dim=-1)
+    if proj is not None:
+        r = F.normalize(proj(r), dim=-1)
+    return F.normalize(r.sum(dim=1), dim=-1)
+
+
+def rmac(x: Tensor, L: int = 3, overlap: float = 0.4, whole_image: bool = False,
+         proj: nn.Module | None = None) -> Tensor:
+    """R-MAC of ``x`` [B, C, H, W] on the Tolias grid (max-pooled regions)."""
+    return regional_descriptor(x, rmac_regions(x.size(-2), x.size(-1), L, overlap, whole_image), "max", proj)
+
+
+def regional_gem(x: Tensor, L: int = 3, p: Tensor | float = 3.0, overlap: float = 0.4,
+                 whole_image: bool = False, proj: nn.Module | None = None, eps: float = 1e-6) -> Tensor:
+    """R-MAC with GeM instead of max per region."""
+    boxes = rmac_regions(x.size(-2), x.size(-1), L, overlap, whole_image)
+    return regional_descriptor(x, boxes, "gem", proj, p, eps)
+
+
+class RegionProjection(nn.Module):
+    """The per-region "shift + FC" of R-MAC: y = W (r - mu); ``mu`` is a learnable shift and W a
+    learnable Linear, both initialisable from a PCA-whitening (:meth:`init_from_whitening`)."""
+
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.fc = nn.Linear(dim, out_dim or dim, bias=False)
+
+    @torch.no_grad()
+    def init_from_whitening(self, mean: Tensor, projection: Tensor) -> None:
+        """``projection`` [out, in] applied to (r - ``mean``), as learned by irkit.nn.whitening."""
+        if tuple(projection.shape) != tuple(self.fc.weight.shape) or mean.numel() != self.shift.numel():
+            raise ValueError(f"whitening of shape {tuple(projection.shape)} does not fit {tuple(self.fc.weight.shape)}")
+        self.shift.copy_(mean.reshape(-1))
+        self.fc.weight.copy_(projection)
+
+    def forward(self, r: Tensor) -> Tensor:
+        return self.fc(r - self.shift)
+
+
+class RMAC(nn.Module):
+    """R-MAC (``kind="max"``) or regional GeM (``kind="gem"``) with an optional learnable projection.
+
+    ``dim`` given -> a :class:`RegionProjection` ``dim -> out_dim`` is applied per region.
+    """
+
+    def __init__(self, L: int = 3, overlap: float = 0.4, whole_image: bool = False, kind: str = "max",
+                 dim: int | None = None, out_dim: int | None = None, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.L, self.overlap, self.whole_image, self.kind, self.eps = L, overlap, whole_image, kind, eps
+        self.register_buffer("p", torch.ones(1) * p, persistent=False)
+        self.proj = RegionProjection(dim, out_dim) if dim else None
+
+    def regions(self, H: int, W: int) -> Tensor:
+        return rmac_regions(H, W, self.L, self.overlap, self.whole_image)
+
+    def forward(self, x: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """``boxes`` overrides the grid (e.g. proposals), [R, 4] or [B, R, 4]."""
+        if boxes is None:
+            boxes = self.regions(x.size(-2), x.size(-1))
+        return regional_descriptor(x, boxes, self.kind, self.proj, self.p, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"L={self.L}, overlap={self.overlap}, whole_image={self.whole_image}, kind={self.kind!r}"

@@ -1,0 +1,346 @@
+"""CVNet (Lee et al., CVPR 2022): a global ResNet+GeM descriptor and a correlation-verification
+re-ranker, in one module so that one published checkpoint loads strictly.
+
+Layout of the irkit module (``CVNet``) and how the published keys map onto it:
+
+====================================  =====================================================
+published (``model_state``)           irkit
+====================================  =====================================================
+``encoder_q.<pycls backbone key>``    ``backbone.<torchvision key>`` (see resnet.py)
+``encoder_q.head.pool.p``             ``pool.p``
+``encoder_q.head.fc.{weight,bias}``   ``fc.{weight,bias}``
+``conv2ds.*``, ``cv_learner.*``       ``reranker.conv2ds.*``, ``reranker.cv_learner.*``
+====================================  =====================================================
+
+The re-ranker is split into :meth:`CVNetReranker.prepare` (feature pyramid + projection +
+normalisation, done ONCE per image and cacheable) and :meth:`CVNetReranker.score` (correlation +
+4D encoder, batched over candidates). ``score`` never materialises the full 4D correlation: the
+cosine correlation is bilinear in the two normalised feature maps, so resizing the correlation over
+the query (key) dims equals resizing the normalised query (key) features first; and the first
+center-pivot layer (stride 2) only reads the correlation at strided key positions (its query-dims
+conv) and at strided query positions (its key-dims conv). So the correlation is computed in chunks
+directly in the layout of the first layer's two 2D convolutions (about half of the values, a chunk
+at a time). :meth:`CVNetReranker.correlation` + :meth:`CVNetReranker.forward_reference` keep the
+published order of operations (full tensor) for tests, ``explain`` and benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irkit.io.images import InputSpec
+from irkit.models.base import GlobalModel
+from irkit.models.registry import Preset, register_preset
+from irkit.nn.backbones.resnet import ResNet, pycls_key_to_torchvision, torchvision_key_to_pycls
+from irkit.nn.conv4d import CenterPivotConv4d, center_pivot_conv4d
+from irkit.nn.pooling import GeM
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CVNET_INPUT_SPEC", "CVNetGlobal", "CVNetReranker", "CVLearner", "CVNet", "branch_size",
+           "official_to_irkit", "irkit_to_official"]
+
+#: pixel convention of the published weights: BGR, /255, mean/std listed in BGR order
+CVNET_INPUT_SPEC = InputSpec(channel_order="BGR", mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229),
+                             max_side=None, interp_down="area", interp_up="linear")
+PYRAMID_SCALES = (0.25, 0.5, 1.0)  # area scales of the correlation pyramid
+COSINE_EPS = 1e-8
+
+
+# ------------------------------------------------------------------------------------ global model
+
+class CVNetGlobal(GlobalModel):
+    """ResNet-50/101 -> GeM (trainable p, init 3) on stage 4 -> Linear 2048->``dim`` -> L2."""
+
+    input_spec = CVNET_INPUT_SPEC
+    default_scales = (0.7071, 1.0, 1.4142)
+    scale_reduce = "mean"
+
+    def __init__(self, depth: int = 50, dim: int = 2048) -> None:
+        super().__init__()
+        self.depth = depth
+        self.dim = dim
+        self.backbone = ResNet(depth)
+        self.pool = GeM(p=3.0, eps=1e-6)
+        self.fc = nn.Linear(ResNet.out_channels, dim, bias=True)
+
+    def head_raw(self, x: Tensor) -> Tensor:
+        """Global head output before L2 normalisation [B, dim]."""
+        return self.fc(self.pool(self.backbone(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head_raw(x), p=2, dim=1)
+
+    def rerank_map(self, x: Tensor) -> Tensor:
+        """Stage-3 output of its last block before the final ReLU [B, 1024, H/16, W/16]."""
+        return self.backbone.stage3_preact(x)
+
+    def embed_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(L2 descriptor, re-rank map) from one backbone pass (extraction stores both)."""
+        pre, s4 = self.backbone.features(x)
+        return F.normalize(self.fc(self.pool(s4)), p=2, dim=1), pre
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(depth=self.depth)
+        return out
+
+
+# ------------------------------------------------------------------------------------- re-ranker
+
+def branch_size(h: int, w: int, area_scale: float) -> tuple[int, int]:
+    """Size of a pyramid branch: sides times sqrt(area_scale), rounded half to even (Python's
+    ``round``, as the published code does: 13 * 0.5 -> 6), at least 1."""
+    r = math.sqrt(area_scale)
+    return max(1, round(h * r)), max(1, round(w * r))
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def _block(in_ch: int, layers: Sequence[tuple[int, int, int]], groups: int = 4) -> nn.Sequential:
+    """[conv4d, GroupNorm, ReLU] per (out channels, kernel, stride): conv at index 3i, GN at 3i+1
+    (the published key layout)."""
+    mods: list[nn.Module] = []
+    for out_ch, k, s in layers:
+        mods += [CenterPivotConv4d(in_ch, out_ch, k, s), nn.GroupNorm(groups, out_ch), nn.ReLU(inplace=True)]
+        in_ch = out_ch
+    return nn.Sequential(*mods)
+
+
+class CVLearner(nn.Module):
+    """4D encoder of the correlation: 4 blocks of center-pivot 4D convs, mean over the 4D
+    positions, then a 2-layer MLP to 2 logits (class 1 = same instance)."""
+
+    def __init__(self, in_channels: int = 9, groups: int = 4) -> None:
+        super().__init__()
+        self.block1 = _block(in_channels, [(16, 5, 2)], groups)
+        self.block2 = _block(16, [(16, 3, 1), (32, 3, 2)], groups)
+        self.block3 = _block(32, [(32, 3, 1), (32, 3, 1), (64, 3, 2)], groups)
+        self.block4 = _block(64, [(64, 3, 1), (64, 3, 1), (128, 3, 1)], groups)
+        self.mlp = nn.Sequential(nn.Linear(128, 128), nn.ReLU(inplace=True), nn.Linear(128, 2))
+
+    @property
+    def first(self) -> CenterPivotConv4d:
+        return self.block1[0]
+
+    def head(self, x: Tensor) -> Tensor:
+        """From the first conv4d's output (before its GroupNorm) to logits [B, 2]."""
+        x = self.block1[2](self.block1[1](x))
+        x = self.block4(self.block3(self.block2(x)))
+        return self.mlp(x.flatten(2).mean(dim=-1))
+
+    def forward(self, corr: Tensor) -> Tensor:
+        """``corr [B, 9, hq, wq, hk, wk]`` -> logits [B, 2]."""
+        return self.head(self.first(corr))
+
+
+class CVNetReranker(nn.Module):
+    """Correlation-verification re-ranker on stage-3 maps (1024 channels).
+
+    ``prepare(map)`` -> per-level projected, L2-normalised maps (cache these for database images);
+    ``score(q_levels, k_levels)`` -> P(same) per candidate; ``logits`` the 2-way logits.
+    """
+
+    def __init__(self, in_channels: int = 1024, proj_channels: int = 256,
+                 scales: Sequence[float] = PYRAMID_SCALES) -> None:
+        super().__init__()
+        self.scales = tuple(float(s) for s in scales)
+        self.conv2ds = nn.ModuleList([nn.Conv2d(in_channels, proj_channels, 3, padding=1, bias=False)
+                                      for _ in self.scales])
+        self.cv_learner = CVLearner(len(self.scales) ** 2)
+        self._full = max(range(len(self.scales)), key=lambda i: self.scales[i])
+
+    # -- per image ---------------------------------------------------------------------------------
+    def prepare(self, fmap: Tensor) -> list[Tensor]:
+        """Stage-3 map [B, C, h, w] -> one [B, 256, h_l, w_l] map per pyramid level: bilinear resize
+        (align_corners=True), 3x3 projection, L2 normalisation over channels (eps 1e-8)."""
+        h, w = fmap.shape[-2:]
+        levels = []
+        for scale, conv in zip(self.scales, self.conv2ds):
+            y = conv(_resize(fmap, branch_size(h, w, scale)))
+            levels.append(y / (y.norm(p=2, dim=1, keepdim=True) + COSINE_EPS))
+        return levels
+
+    def full_size(self, levels: Sequence[Tensor]) -> tuple[int, int]:
+        return tuple(levels[self._full].shape[-2:])
+
+    # -- published order of operations (full 4D tensor) -------------------------------------------------
+    def correlation(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor]) -> Tensor:
+        """Full cross-scale correlation [B, L*L, hq, wq, hk, wk] (channel = L*query level + key
+        level): cosine at the levels' resolution, resized back to the full level sizes (key dims,
+        then query dims; bilinear, align_corners=True), clamped at 0. Query levels of batch 1
+        broadcast over the key batch."""
+        hq, wq = self.full_size(q_levels)
+        hk, wk = self.full_size(k_levels)
+        bsz = max(q_levels[0].shape[0], k_levels[0].shape[0])
+        chans = []
+        for fq in q_levels:
+            fq = fq.expand(bsz, -1, -1, -1)
+            hqi, wqi = fq.shape[-2:]
+            for fk in k_levels:
+                fk = fk.expand(bsz, -1, -1, -1)
+                hkj, wkj = fk.shape[-2:]
+                c = torch.bmm(fq.flatten(2).transpose(1, 2), fk.flatten(2))  # [B, hqi*wqi, hkj*wkj]
+                c = _resize(c.reshape(bsz * hqi * wqi, 1, hkj, wkj), (hk, wk))
+                c = c.reshape(bsz, hqi * wqi, hk * wk).transpose(1, 2).reshape(bsz * hk * wk, 1, hqi, wqi)
+                c = _resize(c, (hq, wq)).reshape(bsz, hk, wk, hq, wq).permute(0, 3, 4, 1, 2)
+                chans.append(c)
+        return torch.stack(chans, dim=1).clamp(min=0)
+
+    def forward_reference(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor]) -> Tensor:
+        """Logits [B, 2] through the full correlation tensor (the published route)."""
+        return self.cv_learner(self.correlation(q_levels, k_levels))
+
+    # -- fast route ---------------------------------------------------------------------------------
+    def _upsampled(self, levels: Sequence[Tensor]) -> Tensor:
+        """[B, L, 256, H*W]: every normalised level resized to the full level size."""
+        size = self.full_size(levels)
+        return torch.stack([_resize(lv, size).flatten(2) for lv in levels], dim=1)
+
+    def logits(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
+               chunk_bytes: int = 64 << 20) -> Tensor:
+        """Logits [B, 2] for one query (levels of batch 1, or B) against B candidates whose maps
+        have equal size. ``chunk_bytes`` bounds each piece of the correlation computed at once."""
+        first = self.cv_learner.first
+        s = first.stride
+        hq, wq = self.full_size(q_levels)
+        hk, wk = self.full_size(k_levels)
+        gq, gk = self._upsampled(q_levels), self._upsampled(k_levels)
+        bsz = max(gq.shape[0], gk.shape[0])
+        nl, ch = gq.shape[1], gq.shape[2]
+        # query-dims conv, evaluated at the strided key positions
+        gk_s = gk.view(gk.shape[0], nl, ch, hk, wk)[..., ::s, ::s]
+        hk2, wk2 = gk_s.shape[-2:]
+        out_q = self._pivot_half(gq, gk_s.reshape(gk.shape[0], nl, ch, hk2 * wk2), (hq, wq), bsz,
+                                 first.conv1, s, chunk_bytes)                 # [B, K', O, hq', wq']
+        # key-dims conv, evaluated at the strided query positions
+        gq_s = gq.view(gq.shape[0], nl, ch, hq, wq)[..., ::s, ::s]
+        hq2, wq2 = gq_s.shape[-2:]
+        out_k = self._pivot_half(gk, gq_s.reshape(gq.shape[0], nl, ch, hq2 * wq2), (hk, wk), bsz,
+                                 first.conv2, s, chunk_bytes, swap=True)      # [B, Q', O, hk', wk']
+        och = out_q.shape[2]
+        out = out_k.view(bsz, hq2, wq2, och, hk2, wk2).permute(0, 3, 1, 2, 4, 5).contiguous()
+        out += out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
+        return self.cv_learner.head(out)
+
+    @staticmethod
+    def _pivot_half(dense: Tensor, pivots: Tensor, size: tuple[int, int], bsz: int, conv: nn.Conv2d,
+                    stride: int, chunk_bytes: int, swap: bool = False) -> Tensor:
+        """Correlation of ``dense [b, L, C, N]`` (all positions of one side) with ``pivots
+        [b, L, C, P]`` (strided positions of the other side), laid out as P rows of
+        [L*L, *size] images and convolved with ``conv`` at ``stride``; chunked over P.
+        Channel order is (query level, key level): ``swap`` says ``dense`` is the key side."""
+        nl, ch, n = dense.shape[1], dense.shape[2], dense.shape[3]
+        npiv = pivots.shape[3]
+        per_pivot = 2 * bsz * nl * nl * n * dense.element_size()  # product + its permuted copy
+        step = max(1, min(npiv, chunk_bytes // max(per_pivot, 1)))
+        dense_t = dense.permute(0, 2, 1, 3).reshape(dense.shape[0], ch, nl * n)   # [b, C, L*N]
+        pad = conv.weight.shape[-1] // 2
+        outs = []
+        for start in range(0, npiv, step):
+            piv = pivots[..., start:start + step]                                  # [b, L, C, p]
+            p = piv.shape[-1]
+            a = piv.permute(0, 1, 3, 2).reshape(piv.shape[0], nl * p, ch)          # [b, L*p, C]
+            c = torch.matmul(a, dense_t).view(bsz, nl, p, nl, n)                   # [B, Lp, p, Ld, N]
+            # rows = pivot positions; channel = L * query level + key level
+            c = c.permute(0, 2, 1, 3, 4) if swap else c.permute(0, 2, 3, 1, 4)
+            c = c.reshape(bsz * p, nl * nl, *size).clamp_(min=0)
+            y = F.conv2d(c, conv.weight, conv.bias, stride=stride, padding=pad)
+            outs.append(y.view(bsz, p, *y.shape[1:]))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def score(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
+              chunk_bytes: int = 64 << 20) -> Tensor:
+        """P(same instance) [B] for one query against B equal-size candidates."""
+        return torch.softmax(self.logits(q_levels, k_levels, chunk_bytes), dim=1)[:, 1]
+
+    def forward(self, query_map: Tensor, key_map: Tensor) -> Tensor:
+        """Scores [B] from raw stage-3 maps (convenience; prepare + score)."""
+        return self.score(self.prepare(query_map), self.prepare(key_map))
+
+
+# ------------------------------------------------------------------------------- combined module
+
+class CVNet(CVNetGlobal):
+    """What a CVNet preset builds: the global model plus ``reranker`` (one checkpoint for both)."""
+
+    def __init__(self, depth: int = 50, dim: int = 2048) -> None:
+        super().__init__(depth, dim)
+        self.reranker = CVNetReranker(in_channels=ResNet.stage3_channels)
+
+    def rerank_levels(self, x: Tensor) -> list[Tensor]:
+        """Image batch at scale 1.0 -> prepared re-rank levels."""
+        return self.reranker.prepare(self.rerank_map(x))
+
+
+# ------------------------------------------------------------------------------ checkpoint keys
+
+_OFFICIAL_HEAD = {"encoder_q.head.pool.": "pool.", "encoder_q.head.fc.": "fc."}
+_OFFICIAL_RERANK = ("conv2ds.", "cv_learner.")
+_PYCLS_KEY = re.compile(r"^(stem\.(conv|bn)\.|s\d\.b\d+\.(f\.(a|a_bn|b|b_bn|c|c_bn)|proj|bn)\.)")
+_TV_KEY = re.compile(r"^(conv1\.|bn1\.|layer\d\.\d+\.(conv[123]|bn[123]|downsample\.[01])\.)")
+
+
+def official_to_irkit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Published CVNet ``model_state`` keys -> irkit :class:`CVNet` keys (lossless; a key that fits
+    no rule keeps its published name, so a strict load reports it under that name)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = key
+        for src, dst in _OFFICIAL_HEAD.items():
+            if key.startswith(src):
+                new = dst + key[len(src):]
+                break
+        else:
+            if key.startswith(_OFFICIAL_RERANK):
+                new = "reranker." + key
+            elif key.startswith("encoder_q.") and _PYCLS_KEY.match(key[len("encoder_q."):]):
+                new = "backbone." + pycls_key_to_torchvision(key[len("encoder_q."):])
+        out[new] = value
+    return out
+
+
+def irkit_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`official_to_irkit`: write a checkpoint in the published layout."""
+    inverse_head = {v: k for k, v in _OFFICIAL_HEAD.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = key
+        for src, dst in inverse_head.items():
+            if key.startswith(src):
+                new = dst + key[len(src):]
+                break
+        else:
+            if key.startswith("reranker.") and key[len("reranker."):].startswith(_OFFICIAL_RERANK):
+                new = key[len("reranker."):]
+            elif key.startswith("backbone.") and _TV_KEY.match(key[len("backbone."):]):
+                new = "encoder_q." + torchvision_key_to_pycls(key[len("backbone."):])
+        out[new] = value
+    return out
+
+
+def _build(depth: int) -> Callable[..., CVNet]:
+    def build(dim: int = 2048) -> CVNet:
+        return CVNet(depth=depth, dim=dim)
+    return build
+
+
+for _depth in (50, 101):
+    register_preset(Preset(
+        name=f"cvnet-r{_depth}",
+        build=_build(_depth),
+        description=(f"CVNet ResNet-{_depth}: GeM global descriptor (2048-D, BGR input, scales "
+                     "0.7071/1/1.4142) + correlation-verification re-ranker; loads the published "
+                     "CVNet checkpoint (model_state with encoder_q.*, conv2ds.*, cv_learner.*)"),
+        convert=official_to_irkit,
+    ))

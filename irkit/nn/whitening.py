@@ -1,0 +1,166 @@
+"""Whitening / dimensionality reduction of global descriptors.
+
+Three ways to get the same object, an affine map ``y = P (x - mean)`` followed by L2
+normalisation:
+
+* learned end to end: :class:`Whitening` is a ``Linear`` (optional bias) trained with the network;
+* PCA-whitening learned from a descriptor set (:func:`learn_pca_whitening`): centre, eigen-decompose
+  the covariance, keep ``dims`` directions, scale each by eigenvalue^-``power`` (0.5 = whitening,
+  0 = plain PCA rotation), with ``shrinkage`` added to the eigenvalues (relative to their mean) so
+  tiny directions are not blown up;
+* learned from matching pairs (:func:`learn_lw`, Radenović et al.'s "Lw"): whiten with the
+  covariance of intra-pair differences (what varies between two views of one object is squashed),
+  then rotate by the PCA of the whitened descriptors (spread what separates objects).
+
+Everything is stored as plain tensors in safetensors (``save_whitening``/``load_whitening``), never
+as pickled objects, so a whitening file is portable and safe to load.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irkit.errors import CheckpointError
+
+
+@dataclass
+class WhiteningParams:
+    """``y = projection @ (x - mean)``; ``eigenvalues`` of the last decomposition (diagnostics)."""
+
+    mean: Tensor          # [D]
+    projection: Tensor    # [d, D]
+    eigenvalues: Tensor   # [d]
+    kind: str = "pca"
+
+    def apply(self, x: Tensor, normalize: bool = True) -> Tensor:
+        return apply_whitening(x, self.mean, self.projection, normalize)
+
+
+def apply_whitening(x: Tensor, mean: Tensor, projection: Tensor, normalize: bool = True) -> Tensor:
+    """[N, D] -> [N, d]: project the centred descriptors, then L2-normalise (unless ``normalize=False``)."""
+    y = (x - mean.to(x)) @ projection.to(x).t()
+    return F.normalize(y, dim=-1) if normalize else y
+
+
+def _eig_desc(cov: Tensor) -> tuple[Tensor, Tensor]:
+    vals, vecs = torch.linalg.eigh((cov + cov.t()) / 2)
+    order = torch.argsort(vals, descending=True)
+    return vals[order].clamp(min=0), vecs[:, order]
+
+
+def _scaled(vals: Tensor, power: float, shrinkage: float) -> Tensor:
+    floor = vals.max().clamp(min=1e-30) * 1e-12
+    return (vals + shrinkage * vals.mean() + floor).pow(-power)
+
+
+def learn_pca_whitening(x: Tensor, dims: int | None = None, power: float = 0.5, shrinkage: float = 0.0,
+                        center: bool = True) -> WhiteningParams:
+    """PCA-whitening from descriptors ``x`` [N, D] (computed in float64, returned float32)."""
+    x = torch.as_tensor(x).double()
+    n, d = x.shape
+    dims = d if dims is None else int(dims)
+    if not 1 <= dims <= d:
+        raise ValueError(f"dims must be in [1, {d}], got {dims}")
+    mean = x.mean(0) if center else torch.zeros(d, dtype=x.dtype)
+    xc = x - mean
+    vals, vecs = _eig_desc(xc.t() @ xc / max(n - 1, 1))
+    vals, vecs = vals[:dims], vecs[:, :dims]
+    proj = _scaled(vals, power, shrinkage)[:, None] * vecs.t()
+    return WhiteningParams(mean.float(), proj.float(), vals.float(), kind="pca")
+
+
+def learn_lw(x: Tensor, query_idx: Tensor, positive_idx: Tensor, dims: int | None = None,
+             shrinkage: float = 0.0) -> WhiteningParams:
+    """Radenović's learned whitening from matching pairs (``x[query_idx[i]]`` matches
+    ``x[positive_idx[i]]``): mean of the query descriptors; whitening by the intra-pair difference
+    covariance; then PCA (rotation only, sorted by the variance of the whitened descriptors),
+    keeping ``dims`` directions."""
+    x = torch.as_tensor(x).double()
+    qi = torch.as_tensor(query_idx, dtype=torch.long)
+    pi = torch.as_tensor(positive_idx, dtype=torch.long)
+    if qi.numel() != pi.numel() or qi.numel() == 0:
+        raise ValueError("query_idx and positive_idx must be non-empty and of equal length")
+    d = x.shape[1]
+    dims = d if dims is None else int(dims)
+    if not 1 <= dims <= d:
+        raise ValueError(f"dims must be in [1, {d}], got {dims}")
+    mean = x[qi].mean(0)
+    diff = x[qi] - x[pi]
+    vals_w, vecs_w = _eig_desc(diff.t() @ diff / diff.shape[0])
+    whiten = _scaled(vals_w, 0.5, shrinkage)[:, None] * vecs_w.t()       # S_intra^{-1/2} (rotated)
+    xw = (x[qi] - mean) @ whiten.t()
+    vals_p, vecs_p = _eig_desc(xw.t() @ xw / xw.shape[0])
+    proj = vecs_p[:, :dims].t() @ whiten
+    return WhiteningParams(mean.float(), proj.float(), vals_p[:dims].float(), kind="lw")
+
+
+class Whitening(nn.Module):
+    """Learned FC whitening: ``Linear(dim, out_dim, bias)`` then L2. Initialise from learned
+    parameters with :meth:`from_params` (bias = -P mean; needs ``bias=True`` unless mean is 0)."""
+
+    def __init__(self, dim: int, out_dim: int | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, out_dim or dim, bias=bias)
+
+    @classmethod
+    def from_params(cls, params: WhiteningParams, bias: bool = True) -> "Whitening":
+        out_dim, dim = params.projection.shape
+        module = cls(dim, out_dim, bias=bias)
+        module.load_params(params)
+        return module
+
+    @torch.no_grad()
+    def load_params(self, params: WhiteningParams) -> None:
+        if tuple(params.projection.shape) != tuple(self.fc.weight.shape):
+            raise ValueError(f"whitening {tuple(params.projection.shape)} does not fit "
+                             f"Linear {tuple(self.fc.weight.shape)}")
+        self.fc.weight.copy_(params.projection)
+        shift = -(params.projection @ params.mean)
+        if self.fc.bias is not None:
+            self.fc.bias.copy_(shift)
+        elif shift.abs().max() > 1e-6:
+            raise ValueError("a centred whitening needs bias=True")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.fc(x), dim=-1)
+
+
+def save_whitening(params: WhiteningParams, path: str | Path) -> Path:
+    """Write ``params`` as a .safetensors file (tensors + JSON metadata), atomically."""
+    from safetensors.torch import save_file
+
+    from irkit.utils import atomic_path
+
+    path = Path(path)
+    tensors = {"mean": params.mean, "projection": params.projection, "eigenvalues": params.eigenvalues}
+    meta = {"irkit": "whitening", "kind": params.kind}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"irkit_meta": json.dumps(meta)})
+    return path
+
+
+def load_whitening(path: str | Path) -> WhiteningParams:
+    """Read a file written by :func:`save_whitening`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"whitening file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("irkit_meta", "{}"))
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for bad files
+        raise CheckpointError(f"{path}: not a readable safetensors whitening file ({exc})") from exc
+    missing = {"mean", "projection", "eigenvalues"} - set(tensors)
+    if missing or meta.get("irkit") != "whitening":
+        raise CheckpointError(f"{path}: not an irkit whitening file (missing {sorted(missing)}); "
+                              "write it with irkit.nn.whitening.save_whitening")
+    return WhiteningParams(tensors["mean"], tensors["projection"], tensors["eigenvalues"],
+                           kind=str(meta.get("kind", "pca")))

@@ -1,0 +1,256 @@
+"""Re-ranking pipeline shared by CVNet and spatial verification.
+
+For each query: take the top-k candidates of the global ranking, score each with a
+:class:`RerankScorer`, mix ``final = global + lam * rerank``, re-sort the top-k by ``final`` and keep
+the rest of the global ranking after them.
+
+Candidate modes (METHODS.md §1):
+
+* ``plain``: the top-k of the global ranking, what a deployment can do;
+* ``protocol``: per revisitop protocol, the top-k after skipping the images that protocol ignores
+  (Easy: junk ∪ hard, Medium: junk, Hard: junk ∪ easy), as the CVNet and DELG papers did. This
+  needs the ground truth and gives one ranking per protocol; report which mode was used.
+
+Scores are computed once per (query, candidate) even when several protocols share a candidate.
+:class:`CVNetScorer` reads database re-rank maps from any object with ``get_map(i)`` (a
+FeatureStore), projects each map once (LRU cache of the prepared pyramid levels) and batches
+candidates of equal map size within a memory budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from irkit.errors import ConfigError, RankingError
+from irkit.eval.revisitop import PROTOCOLS, protocol_sets
+
+log = logging.getLogger(__name__)
+
+MODES = ("plain", "protocol")
+
+
+@runtime_checkable
+class RerankScorer(Protocol):
+    """Scores candidates of one query; higher = more likely the same instance.
+
+    ``query`` is whatever the caller hands to :func:`rerank` for that query (by default the
+    query's column index); ``candidates`` are database row indices. Returns float scores
+    ``[len(candidates)]``."""
+
+    def score(self, query: Any, candidates: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class RerankOutput:
+    """``ranks[name]`` is a full ranking ``[n_db, n_q]``: name ``"plain"`` in plain mode, else one
+    per protocol (``"easy"``, ``"medium"``, ``"hard"``). ``scored[q]`` maps each scored database row
+    of query ``q`` to its re-rank score."""
+
+    mode: str
+    k: int
+    lam: float
+    ranks: dict[str, np.ndarray]
+    scored: list[dict[int, float]] = field(default_factory=list)
+
+
+def ignored_rows(entry: dict, protocol: str) -> np.ndarray:
+    """Database rows that ``protocol`` ignores for one ground-truth entry (Easy: junk ∪ hard,
+    Medium: junk, Hard: junk ∪ easy)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+    return protocol_sets(entry, protocol)[1]
+
+
+def select_candidates(ranking: np.ndarray, k: int, ignore: np.ndarray | None = None) -> np.ndarray:
+    """The first ``k`` rows of ``ranking`` that are not in ``ignore`` (in ranking order)."""
+    if ignore is None or len(ignore) == 0:
+        return ranking[:k].copy()
+    keep = ~np.isin(ranking, ignore)
+    return ranking[keep][:k].copy()
+
+
+def resort(ranking: np.ndarray, candidates: np.ndarray, global_scores: np.ndarray,
+           rerank_scores: np.ndarray, lam: float) -> np.ndarray:
+    """Candidates ordered by ``global + lam * rerank`` (stable: ties keep their global order), then
+    every other row of ``ranking`` in its original order."""
+    final = global_scores[candidates].astype(np.float64) + lam * np.asarray(rerank_scores, np.float64)
+    order = np.argsort(-final, kind="stable")
+    rest = ranking[~np.isin(ranking, candidates)]
+    return np.concatenate([candidates[order], rest])
+
+
+def rerank(scores: np.ndarray, scorer: RerankScorer | None, *, k: int = 100, lam: float = 0.5,
+           mode: str = "plain", gnd: Sequence[dict] | None = None, ranks: np.ndarray | None = None,
+           queries: Sequence[Any] | None = None, progress: bool = False) -> RerankOutput:
+    """Re-rank the top-``k`` of every query.
+
+    ``scores [n_q, n_db]`` global similarities; ``scorer`` None (or ``lam == 0``) keeps the global
+    order of the candidates (no scoring); ``ranks [n_db, n_q]`` the global rankings if already
+    computed (descending, stable); ``queries[j]`` what ``scorer.score`` receives for query ``j``
+    (default ``j``); ``gnd`` the revisitop ground truth, required by ``mode="protocol"``.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise RankingError(f"scores must be [n_queries, n_db], got shape {scores.shape}")
+    nq, n_db = scores.shape
+    if mode not in MODES:
+        raise ConfigError(f"unknown re-rank candidate mode {mode!r}; use one of {MODES}")
+    if k < 1:
+        raise ConfigError(f"re-rank top-k must be >= 1, got {k}")
+    if not math.isfinite(lam):
+        raise ConfigError(f"re-rank lambda must be a finite number, got {lam}")
+    if mode == "protocol" and (gnd is None or len(gnd) != nq):
+        raise ConfigError("protocol-aware re-ranking needs the ground truth of every query "
+                          f"({nq} queries, got {None if gnd is None else len(gnd)}); use mode 'plain'")
+    if ranks is None:
+        ranks = np.argsort(-scores, axis=1, kind="stable").T
+    elif ranks.shape != (n_db, nq):
+        raise RankingError(f"ranks must be [n_db, n_q] = {(n_db, nq)}, got {ranks.shape}")
+    if queries is not None and len(queries) != nq:
+        raise ConfigError(f"got {len(queries)} query handles for {nq} queries")
+    names = ("plain",) if mode == "plain" else PROTOCOLS
+    out = {name: np.empty((n_db, nq), dtype=np.int64) for name in names}
+    scored: list[dict[int, float]] = []
+    use_scorer = scorer is not None and lam != 0
+    for j in tqdm(range(nq), desc="re-rank", unit="query", disable=not progress):
+        ranking = np.asarray(ranks[:, j], dtype=np.int64)
+        cands = {name: select_candidates(ranking, k, None if mode == "plain" else ignored_rows(gnd[j], name))
+                 for name in names}
+        cache: dict[int, float] = {}
+        if use_scorer:
+            todo = np.unique(np.concatenate(list(cands.values())))
+            todo = todo[np.argsort(_positions(ranking, todo), kind="stable")]
+            values = np.asarray(scorer.score(j if queries is None else queries[j], todo), dtype=np.float64)
+            if values.shape != (len(todo),):
+                raise RankingError(f"scorer returned {values.shape} scores for {len(todo)} candidates")
+            cache = dict(zip(todo.tolist(), values.tolist()))
+        for name in names:
+            c = cands[name]
+            rs = np.array([cache.get(int(i), 0.0) for i in c], dtype=np.float64)
+            out[name][:, j] = resort(ranking, c, scores[j], rs, lam if use_scorer else 0.0)
+        scored.append(cache)
+    return RerankOutput(mode=mode, k=k, lam=lam, ranks=out, scored=scored)
+
+
+def _positions(ranking: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Position of each of ``rows`` in ``ranking`` (so candidates are scored best-first)."""
+    inv = np.empty(len(ranking), dtype=np.int64)
+    inv[ranking] = np.arange(len(ranking))
+    return inv[rows]
+
+
+# ------------------------------------------------------------------------------------ CVNet scorer
+
+class CVNetScorer:
+    """Scores candidates with a :class:`~irkit.models.cvnet.CVNetReranker`.
+
+    ``database``/``queries``: objects with ``get_map(i) -> [C, h, w]`` (FeatureStores). ``score``
+    accepts as query an int (row of ``queries``), a map ``[C, h, w]`` (numpy or tensor), or
+    already prepared levels. Database maps are prepared (resized, projected, normalised) once and
+    kept in an LRU cache of ``cache_bytes``; candidates of equal map size are scored in batches
+    whose estimated working memory stays within ``memory_budget`` bytes.
+    """
+
+    def __init__(self, reranker: torch.nn.Module, database: Any, queries: Any = None, *,
+                 cache_bytes: int = 1 << 30, memory_budget: int = 1 << 30,
+                 chunk_bytes: int = 64 << 20, device: str | torch.device | None = None) -> None:
+        if not hasattr(database, "get_map"):
+            raise ConfigError("the CVNet scorer needs database re-rank maps: an object with get_map(i), "
+                              "e.g. a FeatureStore extracted with maps")
+        if getattr(database, "has_maps", True) is False:
+            raise ConfigError("the database store has no re-rank maps; extract it again with maps enabled")
+        self.reranker = reranker.eval()
+        self.database = database
+        self.queries = queries
+        self.cache_bytes = int(cache_bytes)
+        self.memory_budget = int(memory_budget)
+        self.chunk_bytes = int(chunk_bytes)
+        self.device = torch.device(device) if device is not None else next(reranker.parameters()).device
+        self._cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self._cached_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    # -- preparing ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, fmap: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """A raw map [C, h, w] -> prepared levels (each [1, 256, h_l, w_l])."""
+        t = torch.as_tensor(np.asarray(fmap) if not isinstance(fmap, torch.Tensor) else fmap)
+        t = t.to(self.device, torch.float32)
+        if t.dim() == 3:
+            t = t.unsqueeze(0)
+        return self.reranker.prepare(t)
+
+    def _query_levels(self, query: Any) -> list[torch.Tensor]:
+        if isinstance(query, (list, tuple)) and query and isinstance(query[0], torch.Tensor):
+            return [lv.to(self.device) for lv in query]
+        if isinstance(query, (int, np.integer)):
+            if self.queries is None or not hasattr(self.queries, "get_map"):
+                raise ConfigError("query given by index but the scorer has no query maps (pass queries=store)")
+            return self.prepare(self.queries.get_map(int(query)))
+        return self.prepare(query)
+
+    def levels(self, row: int) -> list[torch.Tensor]:
+        """Prepared levels of database row ``row`` (LRU-cached)."""
+        row = int(row)
+        hit = self._cache.get(row)
+        if hit is not None:
+            self._cache.move_to_end(row)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        lv = self.prepare(self.database.get_map(row))
+        size = sum(t.numel() * t.element_size() for t in lv)
+        if size <= self.cache_bytes:
+            self._cache[row] = lv
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= sum(t.numel() * t.element_size() for t in old)
+        return lv
+
+    # -- scoring ----------------------------------------------------------------------------------
+    @staticmethod
+    def pair_bytes(q_size: tuple[int, int], k_size: tuple[int, int], stride: int = 2) -> int:
+        """Estimated peak working memory of one pair in the 4D encoder (float32): the stride-2
+        first layer's 16-channel output and its few temporaries (about six copies)."""
+        cells = 1
+        for n in (*q_size, *k_size):
+            cells *= -(-n // stride)
+        return 6 * 16 * 4 * cells
+
+    @torch.inference_mode()
+    def score(self, query: Any, candidates: Sequence[int] | np.ndarray) -> np.ndarray:
+        """P(same instance) of each candidate row, float32 ``[len(candidates)]``."""
+        cands = np.asarray(candidates, dtype=np.int64).ravel()
+        out = np.zeros(len(cands), dtype=np.float32)
+        if len(cands) == 0:
+            return out
+        q_levels = self._query_levels(query)
+        q_size = self.reranker.full_size(q_levels)
+        groups: dict[tuple[int, int], list[int]] = {}
+        levels = {}
+        for pos, row in enumerate(cands.tolist()):
+            lv = self.levels(row)
+            levels[pos] = lv
+            groups.setdefault(self.reranker.full_size(lv), []).append(pos)
+        for k_size, members in groups.items():
+            per = max(1, self.pair_bytes(q_size, k_size))
+            step = max(1, min(len(members), self.memory_budget // per))
+            for start in range(0, len(members), step):
+                batch = members[start:start + step]
+                k_levels = [torch.cat([levels[p][i] for p in batch]) for i in range(len(q_levels))]
+                s = self.reranker.score(q_levels, k_levels, chunk_bytes=self.chunk_bytes)
+                out[batch] = s.float().cpu().numpy()
+        return out
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cached_bytes = 0

@@ -1,0 +1,396 @@
+"""Training recipes: what is optimised for each method, as one ``nn.Module`` per recipe.
+
+Why modules: a recipe owns the retrieval model plus everything that only exists for training
+(classifier weights, momentum encoder, descriptor queue, proposal head, learnable loss balance).
+Its ``state_dict`` is therefore the complete training state for ``--resume``, DDP wraps it as one
+module, and ``export()`` returns the inference model alone (what ``irkit extract`` loads).
+
+Every recipe consumes a batch ``{"images" [B,3,S,S], "labels" [B], "boxes" [B,4] (-1 = none)}``
+laid out as groups of ``per_class`` images of one label (see :mod:`irkit.data.training`).
+
+=================  ===========================================================================
+``cvnet-global``   CurricularFace on the descriptor + label-aware momentum contrast against a
+                   queue of momentum-encoder (EMA) descriptors (CVNet, METHODS §2)
+``cfcd``           MadaCos (stage 1); from ``loss.stage2_step`` on, + the local triplet on
+                   attention-selected mutual-NN matches of stage-4 features (CFCD, METHODS §3)
+``rmac-triplet``   R-MAC (Tolias grid, or learned region proposals) + triplet loss on batch-hard
+                   triplets; with proposals, + BCE/smooth-L1 proposal loss on known boxes (§4)
+``gem-contrastive`` contrastive loss (cirtorch form) on all positive pairs and the hardest
+                   negatives of each image in the batch
+``joint``          CosFace/normalised-softmax + in-batch ranking loss, balance learned (§5)
+=================  ===========================================================================
+
+The conv map a recipe needs (local features, regions) is captured with a forward pre-hook on the
+model's ``feature_module`` (``pool``: its input is the last conv map in every irkit preset), so the
+model runs once per image.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irkit.errors import ConfigError
+from irkit.models.base import GlobalModel
+
+log = logging.getLogger(__name__)
+
+RECIPES: dict[str, type["Recipe"]] = {}
+
+
+def register(name: str) -> Callable[[type["Recipe"]], type["Recipe"]]:
+    def deco(cls: type["Recipe"]) -> type["Recipe"]:
+        RECIPES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def get_recipe(name: str) -> type["Recipe"]:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown training recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+class FeatureTap:
+    """Keeps the last *input* of ``module`` (a forward pre-hook): with the default ``pool`` that is
+    the last conv map for every irkit preset (they all end in ``pool(conv map) -> ...``), whether
+    the model calls its backbone directly or one of its methods."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        module = model
+        for part in name.split("."):
+            if not hasattr(module, part):
+                raise ConfigError(f"model {type(model).__name__} has no submodule {name!r} to take the conv "
+                                  "map from; set model.feature_module to the module that outputs it")
+            module = getattr(module, part)
+        self.output: Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, inputs: Any) -> None:
+        self.output = inputs[0]
+
+    def take(self) -> Tensor:
+        if self.output is None:
+            raise RuntimeError("feature tap: the model has not run yet")
+        out, self.output = self.output, None
+        return out
+
+
+def _feature_channels(model: nn.Module, feature_module: str, size: int = 64) -> int:
+    tap = FeatureTap(model, feature_module)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    model.train(was)
+    tap.handle.remove()
+    return int(tap.take().shape[1])
+
+
+class Recipe(nn.Module):
+    """Base: holds ``model`` (the GlobalModel being trained); subclasses add heads and the loss."""
+
+    name = "base"
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.step = 0  # set by the trainer before each forward (schedules inside recipes)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters that are not the model's (given the head learning-rate multiplier)."""
+        own = {id(p) for p in self.model.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Called after every optimiser step (EMA updates)."""
+
+    def export(self) -> GlobalModel:
+        """The inference model to checkpoint and evaluate."""
+        return self.model
+
+    def export_config(self) -> dict[str, Any]:
+        """Extra fields for the checkpoint JSON that rebuilding the exported model needs."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------- cvnet-global
+@register("cvnet-global")
+class CVNetGlobalRecipe(Recipe):
+    """CurricularFace(scale, margin) + ``contrast_weight`` x MomentumContrastiveLoss(queue_size,
+    contrast_scale) with keys from an EMA copy of the model (momentum)."""
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        from irkit.train.losses import CurricularFace, MomentumContrastiveLoss, MomentumEncoder
+
+        L = cfg.loss
+        self.cls = CurricularFace(model.dim, num_classes, scale=L.scale, margin=L.margin)
+        self.key_encoder = MomentumEncoder(model, momentum=L.momentum)
+        self.contrast = MomentumContrastiveLoss(model.dim, queue_size=L.queue_size, scale=L.contrast_scale)
+
+    def forward(self, batch):
+        x, y = batch["images"], batch["labels"]
+        q = self.model(x)
+        self.key_encoder.encoder.train(self.model.training)
+        k = self.key_encoder(x)
+        l_cls = self.cls(q, y)
+        l_con = self.contrast(q, k.float(), y)
+        loss = l_cls + self.cfg.loss.contrast_weight * l_con
+        return loss, {"cls": float(l_cls.detach()), "contrast": float(l_con.detach())}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.key_encoder.update(self.model)
+
+
+# ------------------------------------------------------------------------------------------ cfcd
+def local_triplet_loss(fa: Tensor, fp: Tensor, negatives: Tensor, ratio: float = 0.9, top_frac: float = 0.5,
+                       margin: float = 0.1) -> tuple[Tensor, int]:
+    """CFCD's local loss for one tuple (METHODS §3).
+
+    ``fa``, ``fp`` [C, h, w] stage-4 maps of anchor and positive, ``negatives`` [K, C, h, w].
+    Local descriptors are the L2-normalised positions; attention is each position's L1 norm.
+    Matches: mutual nearest neighbours anchor<->positive passing the ratio test (nearest /
+    second-nearest distance < ``ratio``), kept where the positive position is in the top
+    ``top_frac`` of the positive's attention. For each match, each negative image's nearest
+    descriptor to the anchor descriptor is its hard negative; triplet on squared L2 with ``margin``.
+    Returns (mean loss over all (match, negative) triplets, number of matches).
+    """
+    c = fa.shape[0]
+    a = F.normalize(fa.reshape(c, -1).T.float(), dim=1)                  # [Na, C]
+    p = F.normalize(fp.reshape(c, -1).T.float(), dim=1)                  # [Np, C]
+    att_p = fp.reshape(c, -1).abs().sum(0).detach()                      # [Np]
+    with torch.no_grad():
+        d = torch.cdist(a, p)                                            # [Na, Np]
+        two = d.topk(min(2, d.shape[1]), dim=1, largest=False)
+        nn_ap = two.indices[:, 0]
+        nn_pa = d.argmin(0)
+        mutual = nn_pa[nn_ap] == torch.arange(a.shape[0], device=a.device)
+        ratio_ok = (two.values[:, 0] < ratio * two.values[:, 1]) if d.shape[1] > 1 else torch.ones_like(mutual)
+        k = max(1, int(round(top_frac * att_p.numel())))
+        strong = torch.zeros_like(att_p, dtype=torch.bool)
+        strong[att_p.topk(k).indices] = True
+        keep = mutual & ratio_ok & strong[nn_ap]
+    ia = torch.nonzero(keep).squeeze(1)
+    if ia.numel() == 0:
+        return fa.sum() * 0.0, 0
+    ip = nn_ap[ia]
+    qa, qp = a[ia], p[ip]                                                # [M, C]
+    negs = F.normalize(negatives.reshape(negatives.shape[0], c, -1).transpose(1, 2).float(), dim=2)  # [K, Nn, C]
+    with torch.no_grad():
+        dn_all = torch.cdist(qa.unsqueeze(0).expand(negs.shape[0], -1, -1), negs)   # [K, M, Nn]
+        hard = dn_all.argmin(2)                                                      # [K, M]
+    qn = torch.stack([negs[j][hard[j]] for j in range(negs.shape[0])], 1)            # [M, K, C]
+    dp = (qa - qp).pow(2).sum(-1, keepdim=True)                                      # [M, 1]
+    dn = (qa.unsqueeze(1) - qn).pow(2).sum(-1)                                       # [M, K]
+    return F.relu(margin + dp - dn).mean(), int(ia.numel())
+
+
+@register("cfcd")
+class CFCDRecipe(Recipe):
+    """MadaCos(a) on the descriptor; from step ``loss.stage2_step`` (>= 0) on, + ``local_weight`` x
+    the local triplet of :func:`local_triplet_loss` over tuples (anchor, positive, ``local_negatives``
+    hardest in-batch negatives by global similarity; CFCD's classifier-confusion sampler needs a
+    stage-1 classifier over the whole set, which :class:`irkit.train.miners.ConfusionNegativeSampler`
+    offers for a separate mining pass)."""
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        from irkit.train.losses import MadaCos
+
+        self.cls = MadaCos(model.dim, num_classes, a=cfg.loss.madacos_a)
+        self.tap = FeatureTap(model, cfg.model.feature_module)
+
+    def stage(self) -> int:
+        s2 = self.cfg.loss.stage2_step
+        return 2 if (s2 >= 0 and self.step >= s2) else 1
+
+    def forward(self, batch):
+        x, y = batch["images"], batch["labels"]
+        desc = self.model(x)
+        fmap = self.tap.take()
+        l_cls = self.cls(desc, y)
+        logs = {"cls": float(l_cls.detach()), "madacos_s": self.cls.last_s, "madacos_m": self.cls.last_m}
+        loss = l_cls
+        if self.stage() == 2:
+            l_loc, n_match = self._local(desc.detach(), fmap, y)
+            loss = loss + self.cfg.loss.local_weight * l_loc
+            logs.update(local=float(l_loc.detach()), matches=float(n_match))
+        return loss, logs
+
+    def _local(self, desc: Tensor, fmap: Tensor, y: Tensor) -> tuple[Tensor, int]:
+        L = self.cfg.loss
+        sim = desc @ desc.T
+        terms, total = [], 0
+        for i in range(len(y)):
+            pos = torch.nonzero((y == y[i]) & (torch.arange(len(y), device=y.device) > i)).squeeze(1)
+            if pos.numel() == 0:
+                continue
+            neg_mask = y != y[i]
+            if not neg_mask.any():
+                continue
+            k = min(L.local_negatives, int(neg_mask.sum()))
+            negs = sim[i].masked_fill(~neg_mask, float("-inf")).topk(k).indices
+            loss, n = local_triplet_loss(fmap[i], fmap[int(pos[0])], fmap[negs], L.ratio, L.top_frac, L.local_margin)
+            terms.append(loss)
+            total += n
+        if not terms:
+            return fmap.sum() * 0.0, 0
+        return torch.stack(terms).mean(), total
+
+
+# ------------------------------------------------------------------------------------ rmac-triplet
+class RegionModel(GlobalModel):
+    """A preset's conv trunk (its ``feature_module``) followed by R-MAC on the Tolias grid or on
+    learned region proposals (:class:`irkit.nn.region_proposals.ProposalRMAC`)."""
+
+    def __init__(self, base: GlobalModel, regions: str = "grid", levels: int = 3, project: bool = True,
+                 proposal_cfg=None, feature_module: str = "pool") -> None:
+        super().__init__()
+        from irkit.nn.pooling import RMAC
+        from irkit.nn.region_proposals import ProposalConfig, ProposalRMAC
+
+        self.base = base
+        self.input_spec = base.input_spec
+        self.default_scales = base.default_scales
+        self.scale_reduce = "sum"
+        self.feature_module = feature_module
+        self.regions_kind = regions
+        channels = _feature_channels(base, feature_module)
+        self.dim = channels
+        if regions == "grid":
+            self.region_pool_kind = regions
+        self.rpool = RMAC(L=levels, dim=channels if project else None)
+            if project:
+                nn.init.eye_(self.rpool.proj.fc.weight)
+        elif regions == "proposals":
+            self.rpool = ProposalRMAC(channels, proposal_cfg or ProposalConfig(), project=project)
+        else:
+            raise ConfigError(f"model.regions must be 'grid' or 'proposals', got {regions!r}")
+
+        self._tap = FeatureTap(base, feature_module)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The base model's last conv map (its global head also runs; it is cheap)."""
+        self.base(x)
+        return self._tap.take()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rpool(self.feature_map(x))
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(base=self.base.describe(), regions=self.regions_kind)
+        return out
+
+
+@register("rmac-triplet")
+class RMACTripletRecipe(Recipe):
+    """Triplet loss (margin ``triplet_margin``, ½·max(0, m + |q−p|² − |q−n|²)) on batch-hard
+    triplets of R-MAC descriptors; with ``model.regions=proposals`` the proposal head is trained by
+    :func:`irkit.nn.region_proposals.proposal_loss` (weight ``rpn_weight``) on the batch's boxes."""
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        from irkit.nn.region_proposals import ProposalConfig
+        from irkit.train.losses import TripletLoss
+
+        M = cfg.model
+        pcfg = ProposalConfig(top_n=M.proposals_top_n, sizes=tuple(M.anchor_sizes), ratios=tuple(M.anchor_ratios))
+        region_model = model if isinstance(model, RegionModel) else RegionModel(
+            model, M.regions, M.rmac_levels, proposal_cfg=pcfg, feature_module=M.feature_module)
+        super().__init__(region_model, cfg, num_classes)
+        self.triplet = TripletLoss(margin=cfg.loss.triplet_margin)
+
+    def forward(self, batch):
+        from irkit.nn.region_proposals import proposal_loss
+        from irkit.train.miners import batch_hard_triplets
+
+        x, y = batch["images"], batch["labels"]
+        fmap = self.model.feature_map(x)
+        desc = self.model.rpool(fmap)
+        a, p, n = batch_hard_triplets(desc, y)
+        loss = self.triplet(desc[a], desc[p], desc[n]) if a.numel() else desc.sum() * 0.0
+        logs = {"triplet": float(loss.detach()), "triplets": float(a.numel())}
+        if self.model.regions_kind == "proposals":
+            boxes = batch["boxes"]
+            has = boxes[:, 0] >= 0
+            if has.any():
+                stride = x.shape[-1] / fmap.shape[-1]
+                logits, deltas, anchors = self.model.rpool.head(fmap[has].detach()
+                                                               if self.cfg.loss.rpn_detach else fmap[has])
+                gt = [b.unsqueeze(0) / stride for b in boxes[has]]
+                l_rpn, parts = proposal_loss(logits, deltas, anchors, gt)
+                loss = loss + self.cfg.loss.rpn_weight * l_rpn
+                logs.update(parts)
+        return loss, logs
+
+    def export_config(self) -> dict[str, Any]:
+        M = self.cfg.model
+        return {"wrapper": "RegionModel", "regions": M.regions, "rmac_levels": M.rmac_levels,
+                "proposals_top_n": M.proposals_top_n, "anchor_sizes": list(M.anchor_sizes),
+                "anchor_ratios": list(M.anchor_ratios), "feature_module": M.feature_module}
+
+
+# --------------------------------------------------------------------------------- gem-contrastive
+@register("gem-contrastive")
+class GeMContrastiveRecipe(Recipe):
+    """Contrastive loss (margin ``contrastive_margin``) on every positive pair of the batch and, per
+    image, its ``hard_negatives`` most similar images of other labels (cirtorch-style tuples)."""
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        from irkit.train.losses import ContrastiveLoss
+
+        self.loss_fn = ContrastiveLoss(margin=cfg.loss.contrastive_margin)
+
+    def forward(self, batch):
+        x, y = batch["images"], batch["labels"]
+        d = self.model(x)
+        n = len(y)
+        idx = torch.arange(n, device=y.device)
+        same = y[:, None] == y[None, :]
+        pi, pj = torch.nonzero(same & (idx[:, None] < idx[None, :]), as_tuple=True)
+        with torch.no_grad():
+            sim = (d @ d.T).masked_fill(same, float("-inf"))
+            k = min(self.cfg.loss.hard_negatives, int((~same).sum(1).min()))
+            nj = sim.topk(k, dim=1).indices if k > 0 else idx.new_zeros((n, 0))
+        ni = idx[:, None].expand_as(nj).reshape(-1)
+        a = torch.cat([pi, ni])
+        b = torch.cat([pj, nj.reshape(-1)])
+        target = torch.cat([torch.ones_like(pi), torch.zeros_like(ni)])
+        loss = self.loss_fn(d[a], d[b], target)
+        return loss, {"contrastive": float(loss.detach()), "pairs": float(len(pi)), "negatives": float(len(ni))}
+
+
+# ------------------------------------------------------------------------------------------ joint
+@register("joint")
+class JointRecipe(Recipe):
+    """:class:`irkit.train.losses.JointLoss`: CosFace(scale, margin) + in-batch ranking
+    (``joint_rank``: triplet | contrastive) with learned weights."""
+
+    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        from irkit.train.losses import JointLoss
+
+        L = cfg.loss
+        margin = L.triplet_margin if L.joint_rank == "triplet" else L.contrastive_margin
+        self.joint = JointLoss(model.dim, num_classes, rank=L.joint_rank, cls_scale=L.scale,
+                               cls_margin=L.margin, rank_margin=margin)
+
+    def forward(self, batch):
+        loss = self.joint(self.model(batch["images"]), batch["labels"])
+        return loss, dict(self.joint.last)
