@@ -237,3 +237,11 @@ def _check_unique_ids(items: Sequence[Item]) -> None:
     dups = [it.id for it in items if it.id in seen or seen.add(it.id)]  # type: ignore[func-returns-value]
     if dups:
         raise ConfigError(f"{len(dups)} duplicate image ids, e.g. {dups[:3]}")
+
+
+if __name__ == "__main__":  # `torchrun --nproc-per-node N -m irkit.extract ARGS` (see irkit.shard)
+    import sys
+
+    from irkit.shard import main
+
+    sys.exit(main())

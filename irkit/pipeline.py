@@ -52,8 +52,8 @@ class DatasetRun:
     scores: np.ndarray             # [nq, n_db] global similarity (after QE/DBA)
     ranks: np.ndarray              # [n_db, nq] revisitop convention
     results: dict[str, Any]
+    scales: tuple[float, ...] = ()
     stores: dict[str, Any] = field(default_factory=dict)
-    reranked: dict[str, Any] = field(default_factory=dict)
 
 
 def extract_dataset(ds: RevisitopDataset, model: GlobalModel, scales: Sequence[float] | None = None,
@@ -118,9 +118,10 @@ def evaluate_dataset(data_dir: str | os.PathLike, name: str, model: GlobalModel,
     from irkit.eval.revisitop import evaluate_ranks
 
     ds = load_revisitop(data_dir, name)
+    scales = check_scales(scales, model)
     stores = extract_dataset(ds, model, scales, cache_dir, with_maps, progress)
     q = aligned_descriptors(stores["queries"], ds.qimlist)
     db = aligned_descriptors(stores["database"], ds.imlist)
     scores = global_scores(q, db, qe)
     ranks = ranks_of(scores)
-    return DatasetRun(ds, q, db, scores, ranks, evaluate_ranks(ranks, ds.gnd), stores)
+    return DatasetRun(ds, q, db, scores, ranks, evaluate_ranks(ranks, ds.gnd), scales, stores)

@@ -271,6 +271,18 @@ class FeatureStore:
                 fh.truncate(committed)
             self._maps_mm = None
 
+    def refresh(self) -> bool:
+        """Re-read the manifest (e.g. a reader following a writer in another process); True if it changed."""
+        with self._lock:
+            manifest = self._read_manifest(self.root)
+            if manifest is None or (manifest.get("generation") == self.generation
+                                    and manifest["chunks"] == self._manifest["chunks"]):
+                return False
+            self._manifest = manifest
+            self._load_chunks()
+            self._maps_mm = None
+            return True
+
     def _commit(self) -> None:
         self._manifest["chunks"] = [c.entry() for c in self._chunks]
         self._manifest["n"] = self._n

@@ -21,9 +21,9 @@ PRESET = "test-tiny-serve"
 
 
 class TinyNet(GlobalModel):
-    """Three strided convs -> GeM -> 32-d; the 16-channel map feeds a small CVNet re-ranker."""
+    """Three strided convs -> 2x2 pooling -> 32-d; the 16-channel map feeds a small CVNet re-ranker."""
 
-    input_spec = InputSpec(max_side=96)
+    input_spec = InputSpec(max_side=64)
     default_scales = (1.0,)
     dim = 32
 
@@ -34,15 +34,30 @@ class TinyNet(GlobalModel):
         torch.manual_seed(0)
         self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
                                    nn.Conv2d(16, 16, 3, 2, 1))
-        self.fc = nn.Linear(16, self.dim)
+        self.fc = nn.Linear(64, self.dim)
         self.reranker = CVNetReranker(in_channels=16, proj_channels=16)
 
     def rerank_map(self, x):
         return self.trunk(x)
 
     def forward(self, x):
-        f = F.relu(self.rerank_map(x)).clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
+        # signed 2x2 pooled responses, centred: random weights then still tell images apart
+        f = F.adaptive_avg_pool2d(self.trunk(x), 2).flatten(1)
+        f = f - f.mean(dim=1, keepdim=True)
         return F.normalize(self.fc(f), dim=-1)
+
+
+PLAIN_PRESET = "test-tiny-serve-plain"
+
+
+class TinyPlain(TinyNet):
+    """The same network without a re-ranker (no ``rerank_map``): explanation must be refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.reranker
+
+    rerank_map = GlobalModel.rerank_map
 
 
 def register() -> None:
@@ -50,6 +65,8 @@ def register() -> None:
 
     if PRESET not in list_presets():
         register_preset(Preset(PRESET, TinyNet, "test-only tiny model with a re-ranker"))
+    if PLAIN_PRESET not in list_presets():
+        register_preset(Preset(PLAIN_PRESET, TinyPlain, "test-only tiny model without a re-ranker"))
 
 
 def make_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:
@@ -68,15 +85,16 @@ def make_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Pat
     return paths
 
 
-def build_store(root: Path, n: int = 12) -> Path:
-    """A feature store (with re-rank maps) of ``n`` generated images under ``root``."""
+def build_store(root: Path, n: int = 12, preset: str = PRESET) -> Path:
+    """A feature store of ``n`` generated images under ``root`` (with re-rank maps when the preset has them)."""
     from irkit.extract import Item, extract_to_store
     from irkit.models.registry import build_model
 
     register()
     paths = make_images(root / "images", n)
-    model = build_model(PRESET)
-    store = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], root / "store", with_maps=True,
+    model = build_model(preset)
+    store = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], root / "store",
+                             with_maps=model.has_rerank_map,
                              progress=False, workers=0)
     store.close()
     return root / "store"

@@ -141,3 +141,21 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError):
         read_labelled_set(tmp_path / "empty")
+
+
+def test_unreadable_images_are_reported_not_fatal(tmp_path):
+    scene = make_textured_scene((240, 320), rng=7)
+    for k in range(3):
+        _save(tmp_path / "in" / "lm" / f"v{k}.jpg", random_view(scene, k, VIEW).image)
+    (tmp_path / "in" / "lm" / "broken.jpg").write_bytes(b"not a jpeg")
+    seen = []
+
+    def descriptor_fn(paths):
+        seen.extend(p.name for p in paths)
+        return np.ones((len(paths), 4))
+
+    summary = clean_dataset(read_labelled_set(tmp_path / "in"), tmp_path / "out", descriptor_fn=descriptor_fn,
+                            progress=False)
+    assert sorted(seen) == ["v0.jpg", "v1.jpg", "v2.jpg"]
+    assert summary["unreadable"] == 1 and summary["kept"] == 3
+    assert "broken" in (tmp_path / "out" / "report.html").read_text()

@@ -9,9 +9,20 @@ import torch
 
 from irkit.errors import CheckpointError
 from irkit.models.cvnet import CVNet, CVNetReranker, branch_size, irkit_to_official, official_to_irkit
+from irkit.models.checkpoints import load_strict
 from irkit.models.registry import build_model, get_preset, list_presets
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: these tensors are small, and on a shared, busy machine OpenMP threads
+    spin-waiting on each other made a 10 ms pair take 1.7 s. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _keys(depth: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -29,7 +40,7 @@ def _keys(depth: int) -> list[tuple[str, tuple[int, ...], str]]:
 def _official_checkpoint(depth: int) -> dict[str, torch.Tensor]:
     """A checkpoint in the published layout, built from the key list (small random values)."""
     g = torch.Generator().manual_seed(depth)
-    return {k: (torch.zeros(s, dtype=torch.int64) if d == "torch.int64" else 0.01 * torch.randn(s, generator=g))
+    return {k: (torch.zeros(s, dtype=torch.int64) if d == "torch.int64" else torch.rand(s, generator=g))
             for k, s, d in _keys(depth)}
 
 
@@ -120,42 +131,50 @@ def test_presets_registered() -> None:
     torch.testing.assert_close(d.norm(dim=1), torch.ones(1))
 
 
+@pytest.fixture(scope="module")
+def official_states() -> dict[int, dict[str, torch.Tensor]]:
+    return {depth: _official_checkpoint(depth) for depth in (50, 101)}
+
+
 @pytest.mark.parametrize("depth", [50, 101])
-def test_official_layout_loads_strictly(depth: int, tmp_path: Path) -> None:
-    state = _official_checkpoint(depth)
+def test_official_layout_loads_strictly(depth: int, official_states, tmp_path: Path) -> None:
+    state = official_states[depth]
     m = build_model(f"cvnet-r{depth}", weights=_save(state, tmp_path / "ok.pyth"))
     assert m.load_report.complete and len(m.load_report.loaded) == len(state)
     own = m.state_dict()
     assert torch.equal(own["backbone.layer3.0.downsample.0.weight"], state["encoder_q.s3.b1.proj.weight"])
     assert torch.equal(own["reranker.cv_learner.mlp.2.bias"], state["cv_learner.mlp.2.bias"])
     assert torch.equal(own["pool.p"], state["encoder_q.head.pool.p"])
-    # and the inverse map writes a checkpoint that loads back identically
-    m2 = build_model(f"cvnet-r{depth}", weights=_save(irkit_to_official(own), tmp_path / "back.pyth"))
-    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in own.items())
-
-
-@pytest.mark.parametrize("depth", [50, 101])
-def test_strict_load_refuses_and_names_the_key(depth: int, tmp_path: Path) -> None:
-    state = _official_checkpoint(depth)
+    # the inverse map gives back the published checkpoint, key for key and tensor for tensor
+    back = irkit_to_official(own)
+    assert list(back) != [] and set(back) == set(state)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    # refusals, through the preset's converter and the same strict loader build_model uses
+    convert = get_preset(f"cvnet-r{depth}").convert
     missing = dict(state)
     del missing["cv_learner.block3.4.weight"]
     with pytest.raises(CheckpointError, match=r"missing: reranker\.cv_learner\.block3\.4\.weight"):
-        build_model(f"cvnet-r{depth}", weights=_save(missing, tmp_path / "missing.pyth"))
+        load_strict(m, convert(missing), source="missing.pyth")
     extra = dict(state, **{"encoder_q.head.whiten.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"unexpected: encoder_q\.head\.whiten\.weight"):
-        build_model(f"cvnet-r{depth}", weights=_save(extra, tmp_path / "extra.pyth"))
+        load_strict(m, convert(extra), source="extra.pyth")
     bad = dict(state, **{"conv2ds.1.weight": torch.zeros(128, 1024, 3, 3)})
     with pytest.raises(CheckpointError, match=r"mis-shaped: reranker\.conv2ds\.1\.weight"):
-        build_model(f"cvnet-r{depth}", weights=_save(bad, tmp_path / "bad.pyth"))
+        load_strict(m, convert(bad), source="bad.pyth")
+    other = official_states[151 - depth]          # the other depth's checkpoint
+    with pytest.raises(CheckpointError, match="unexpected" if depth == 50 else "missing"):
+        load_strict(m, convert(other), source="other_depth.pyth")
 
 
-def test_depth_mismatch_refused(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="unexpected"):
-        build_model("cvnet-r50", weights=_save(_official_checkpoint(101), tmp_path / "r101.pyth"))
+def test_strict_load_refuses_through_build_model(official_states, tmp_path: Path) -> None:
+    state = dict(official_states[50])
+    del state["encoder_q.s2.b3.f.b_bn.running_var"]
+    with pytest.raises(CheckpointError, match=r"missing\.pyth does not match.*missing: backbone\.layer2\.2\.bn2\.running_var"):
+        build_model("cvnet-r50", weights=_save(state, tmp_path / "missing.pyth"))
 
 
-def test_allow_partial_loads_what_fits(tmp_path: Path) -> None:
-    state = _official_checkpoint(50)
+def test_allow_partial_loads_what_fits(official_states, tmp_path: Path) -> None:
+    state = dict(official_states[50])
     del state["encoder_q.head.fc.bias"]
     state["conv2ds.0.weight"] = torch.zeros(8, 1024, 3, 3)
     state["encoder_q.unused"] = torch.zeros(1)

@@ -18,6 +18,16 @@ pytestmark = pytest.mark.skipif(not (PARITY / "reference_outputs.npz").is_file()
                                 reason=f"CVNet parity fixtures absent ({PARITY}; they live in ../shared)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: these tensors are small, and on a shared, busy machine OpenMP threads
+    spin-waiting on each other made a 10 ms pair take 1.7 s. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _max_abs(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 

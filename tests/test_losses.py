@@ -260,15 +260,15 @@ def test_joint_loss_formula_and_gradients():
     y = torch.arange(12) % 4
     loss = jl(f, y)
     lc, lr = jl.last["cls"], jl.last["rank"]
-    assert lc == pytest.approx(float(jl.cls(f, y)), rel=1e-12)
-    w1, w2 = (float(v) for v in jl.w)          # 0.3, -0.2 up to float32 rounding of the init
+    assert lc == pytest.approx(jl.cls(f, y).item(), rel=1e-12)
+    w1, w2 = jl.w.tolist()          # 0.3, -0.2 up to float32 rounding of the init
     assert loss.item() == pytest.approx(math.exp(-w1) * lc + math.exp(-w2) * lr + w1 + w2, rel=1e-9)
     (gw,) = torch.autograd.grad(loss, [jl.w])
     np.testing.assert_allclose(gw.numpy(), [1 - math.exp(-w1) * lc, 1 - math.exp(-w2) * lr], rtol=1e-9)
     # clamp: beyond w_max the weight stays e^{-w_max} and L is bounded below by -2 w_max
     with torch.no_grad():
         jl.w.fill_(-50.0)
-    assert float(jl.combine(torch.tensor(0.0), torch.tensor(0.0))) == pytest.approx(-8.0)
+    assert jl.combine(torch.tensor(0.0), torch.tensor(0.0)).item() == pytest.approx(-8.0)
     jc = JointLoss(8, 4, rank="contrastive").double()
     assert torch.isfinite(jc(f, y))
     with pytest.raises(ConfigError):

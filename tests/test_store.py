@@ -305,3 +305,12 @@ def test_search_while_adding(tmp_path):
     assert s.ids == [f"img-{j}" for j in range(150)]
     assert json.loads((tmp_path / "store" / "manifest.json").read_text())["n"] == 150
     assert os.path.exists(tmp_path / "store" / ".lock")
+
+
+def test_reader_follows_writer(tmp_path):
+    w = make(tmp_path)
+    w.add(*batch(0, 2))
+    r = FeatureStore.open(tmp_path / "store")
+    w.add(*batch(2, 5))
+    assert len(r) == 2 and r.refresh() and len(r) == 5 and not r.refresh()
+    np.testing.assert_allclose(r.descriptors()[4], vec(4), atol=1e-3)

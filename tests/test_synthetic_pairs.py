@@ -90,7 +90,6 @@ def test_photo_pool_recursive_with_exclusions(tmp_path):
 def test_dataset_pairs_and_negatives(tmp_path):
     _write_pool(tmp_path)
     paths = photo_pool(tmp_path, exclude=["distractor_*"])
-    import irkit.io.images  # noqa: F401  (the default loader)
 
     ds = SyntheticPairDataset(paths, size=(48, 64), seed=3)
     a, p, label = ds[1]

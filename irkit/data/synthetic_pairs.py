@@ -10,6 +10,7 @@ generator per (seed, epoch, index), so results do not depend on DataLoader worke
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -268,7 +269,7 @@ class SyntheticPairDataset(Dataset):
         if n_negatives > 0 and len(self.paths) < 2:
             raise ConfigError("negatives need at least two photos in the pool")
         self.size = (int(size[0]), int(size[1]))
-        self.cfg = ViewConfig(**{**cfg.__dict__, "out_size": self.size})
+        self.cfg = dataclasses.replace(cfg, out_size=self.size)
         self.n_negatives, self.seed, self.epoch = int(n_negatives), int(seed), 0
         self.transform = transform or _default_transform
         self.loader = loader

@@ -202,10 +202,13 @@ class CVNetReranker(nn.Module):
         return self.cv_learner(self.correlation(q_levels, k_levels))
 
     # -- fast route ---------------------------------------------------------------------------------
-    def _upsampled(self, levels: Sequence[Tensor]) -> Tensor:
-        """[B, L, 256, H*W]: every normalised level resized to the full level size."""
+    def _pivots(self, levels: Sequence[Tensor], stride: int) -> tuple[Tensor, int, int]:
+        """Normalised levels resized to the full level size, at the strided positions only:
+        ``[b, P, L, C]`` (P = strided positions) and the strided grid (h', w')."""
         size = self.full_size(levels)
-        return torch.stack([_resize(lv, size).flatten(2) for lv in levels], dim=1)
+        g = torch.stack([_resize(lv, size)[..., ::stride, ::stride] for lv in levels], dim=1)
+        h2, w2 = g.shape[-2:]
+        return g.flatten(3).permute(0, 3, 1, 2).contiguous(), h2, w2
 
     def logits(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
                chunk_bytes: int = 64 << 20) -> Tensor:
@@ -215,47 +218,50 @@ class CVNetReranker(nn.Module):
         s = first.stride
         hq, wq = self.full_size(q_levels)
         hk, wk = self.full_size(k_levels)
-        gq, gk = self._upsampled(q_levels), self._upsampled(k_levels)
-        bsz = max(gq.shape[0], gk.shape[0])
-        nl, ch = gq.shape[1], gq.shape[2]
-        # query-dims conv, evaluated at the strided key positions
-        gk_s = gk.view(gk.shape[0], nl, ch, hk, wk)[..., ::s, ::s]
-        hk2, wk2 = gk_s.shape[-2:]
-        out_q = self._pivot_half(gq, gk_s.reshape(gk.shape[0], nl, ch, hk2 * wk2), (hq, wq), bsz,
-                                 first.conv1, s, chunk_bytes)                 # [B, K', O, hq', wq']
-        # key-dims conv, evaluated at the strided query positions
-        gq_s = gq.view(gq.shape[0], nl, ch, hq, wq)[..., ::s, ::s]
-        hq2, wq2 = gq_s.shape[-2:]
-        out_k = self._pivot_half(gk, gq_s.reshape(gq.shape[0], nl, ch, hq2 * wq2), (hk, wk), bsz,
-                                 first.conv2, s, chunk_bytes, swap=True)      # [B, Q', O, hk', wk']
+        bsz = max(q_levels[0].shape[0], k_levels[0].shape[0])
+        k_piv, hk2, wk2 = self._pivots(k_levels, s)
+        q_piv, hq2, wq2 = self._pivots(q_levels, s)
+        # query-dims conv at the strided key positions, key-dims conv at the strided query positions
+        out_q = self._pivot_half(q_levels, k_piv, (hq, wq), bsz, first.conv1, s, chunk_bytes, True)
+        out_k = self._pivot_half(k_levels, q_piv, (hk, wk), bsz, first.conv2, s, chunk_bytes, False)
         och = out_q.shape[2]
         out = out_k.view(bsz, hq2, wq2, och, hk2, wk2).permute(0, 3, 1, 2, 4, 5).contiguous()
         out += out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
         return self.cv_learner.head(out)
 
     @staticmethod
-    def _pivot_half(dense: Tensor, pivots: Tensor, size: tuple[int, int], bsz: int, conv: nn.Conv2d,
-                    stride: int, chunk_bytes: int, swap: bool = False) -> Tensor:
-        """Correlation of ``dense [b, L, C, N]`` (all positions of one side) with ``pivots
-        [b, L, C, P]`` (strided positions of the other side), laid out as P rows of
-        [L*L, *size] images and convolved with ``conv`` at ``stride``; chunked over P.
-        Channel order is (query level, key level): ``swap`` says ``dense`` is the key side."""
-        nl, ch, n = dense.shape[1], dense.shape[2], dense.shape[3]
-        npiv = pivots.shape[3]
-        per_pivot = 2 * bsz * nl * nl * n * dense.element_size()  # product + its permuted copy
+    def _pivot_half(dense_levels: Sequence[Tensor], pivots: Tensor, size: tuple[int, int], bsz: int,
+                    conv: nn.Conv2d, stride: int, chunk_bytes: int, pivot_is_key: bool) -> Tensor:
+        """One half of the first center-pivot layer, fused with the correlation.
+
+        For each pivot position of one side (``pivots [b, P, L, C]``, strided, full-size levels),
+        the cosine with every position of each level of the other side (``dense_levels``, at the
+        level's own resolution, as the published code correlates), resized to the full level size
+        ``size`` (bilinear, align_corners=True), stacked to 9 channels (3 * query level + key level),
+        clamped at 0 and convolved with ``conv`` at ``stride``: ``[B, P, O, h', w']``. Chunked over
+        pivots so that no piece exceeds ``chunk_bytes``."""
+        nl, ch = len(dense_levels), pivots.shape[-1]
+        npiv = pivots.shape[1]
+        n = size[0] * size[1]
+        per_pivot = bsz * (nl * nl + 2 * nl) * n * 4      # stacked channels + one level's temporaries
         step = max(1, min(npiv, chunk_bytes // max(per_pivot, 1)))
-        dense_t = dense.permute(0, 2, 1, 3).reshape(dense.shape[0], ch, nl * n)   # [b, C, L*N]
+        dense = [lv.flatten(2) for lv in dense_levels]     # [b, C, N_l] views
         pad = conv.weight.shape[-1] // 2
         outs = []
         for start in range(0, npiv, step):
-            piv = pivots[..., start:start + step]                                  # [b, L, C, p]
-            p = piv.shape[-1]
-            a = piv.permute(0, 1, 3, 2).reshape(piv.shape[0], nl * p, ch)          # [b, L*p, C]
-            c = torch.matmul(a, dense_t).view(bsz, nl, p, nl, n)                   # [B, Lp, p, Ld, N]
-            # rows = pivot positions; channel = L * query level + key level
-            c = c.permute(0, 2, 1, 3, 4) if swap else c.permute(0, 2, 3, 1, 4)
-            c = c.reshape(bsz * p, nl * nl, *size).clamp_(min=0)
-            y = F.conv2d(c, conv.weight, conv.bias, stride=stride, padding=pad)
+            piv = pivots[:, start:start + step]                                  # [b, p, L, C]
+            p = piv.shape[1]
+            a = piv.reshape(piv.shape[0], p * nl, ch)
+            corr = a.new_empty(bsz * p, nl, nl, *size)   # [rows, query level, key level, h, w]
+            for li, (d, lv) in enumerate(zip(dense, dense_levels)):
+                c = torch.matmul(a, d).view(bsz * p, nl, *lv.shape[-2:])        # [rows, pivot level, h_l, w_l]
+                c = _resize(c, size)
+                if pivot_is_key:
+                    corr[:, li] = c
+                else:
+                    corr[:, :, li] = c
+            corr = corr.view(bsz * p, nl * nl, *size).clamp_(min=0)
+            y = F.conv2d(corr, conv.weight, conv.bias, stride=stride, padding=pad)
             outs.append(y.view(bsz, p, *y.shape[1:]))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 

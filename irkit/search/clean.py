@@ -233,12 +233,13 @@ def _class_key(name: str) -> str:
 
 
 def clean_class(name: str, ids: Sequence[str], paths: Mapping[str, Path], cfg: CleanConfig,
-                verifier: SpatialVerifier, descriptors: np.ndarray | None = None,
+                verifier: SpatialVerifier, descriptors_for: Callable[[list[str]], np.ndarray] | None = None,
                 thumbs_dir: Path | None = None) -> ClassResult:
     """Verify one class and keep its consistent images; see the module docstring.
 
-    ``descriptors``: [len(ids), D] L2-normalised global descriptors (None: no shortlist model).
-    Unreadable images are reported and dropped. Thumbnails of dropped images go to ``thumbs_dir``.
+    ``descriptors_for(ids) -> [len(ids), D]``: global descriptors of the readable images, for the
+    shortlist (None: no shortlist model). Unreadable images are reported and dropped (before any
+    descriptor is asked for). Thumbnails of dropped images go to ``thumbs_dir``.
     """
     from irkit.io.images import load_image
 
@@ -253,13 +254,15 @@ def clean_class(name: str, ids: Sequence[str], paths: Mapping[str, Path], cfg: C
             log.warning("class %s: skipping %s (%s)", name, ident, exc)
             unreadable.append(ident)
             continue
-        feats.append(verifier.features(img))
+        f = verifier.features(img)
+        # float16 descriptors halve the memory of large classes; matching computes in float32
+        feats.append(LocalFeatures(f.keypoints, f.descriptors.astype(np.float16), f.image_size, f.scores))
         good.append(i)
         if thumbs_dir is not None:
             images[i] = cv2.resize(img, None, fx=min(1.0, cfg.thumb_side / max(img.shape[:2])),
                                    fy=min(1.0, cfg.thumb_side / max(img.shape[:2])), interpolation=cv2.INTER_AREA)
     gids = [ids[i] for i in good]
-    desc = descriptors[good] if descriptors is not None else None
+    desc = _normalised(descriptors_for(gids), len(gids)) if descriptors_for is not None and len(gids) > 1 else None
     rng = np.random.default_rng([cfg.seed, int(_class_key(name), 16) % (2 ** 32)])
     pairs = candidate_pairs(len(gids), desc, cfg.shortlist, cfg.all_pairs_max, rng)
     edges: list[tuple[int, int]] = []
@@ -291,20 +294,26 @@ def clean_class(name: str, ids: Sequence[str], paths: Mapping[str, Path], cfg: C
                        boxes={gids[i]: v for i, v in boxes.items() if i in kept_idx}, n_pairs=len(pairs))
 
 
-def _class_descriptors(ids: Sequence[str], paths: Mapping[str, Path],
-                       descriptors: Mapping[str, np.ndarray] | None, descriptor_fn: DescriptorFn | None) -> np.ndarray | None:
-    if descriptors is not None:
-        missing = [i for i in ids if i not in descriptors]
-        if missing:
-            raise DatasetError(f"no global descriptor for {len(missing)} image(s), e.g. {missing[:3]}")
-        d = np.stack([np.asarray(descriptors[i], np.float32) for i in ids])
-    elif descriptor_fn is not None:
-        d = np.asarray(descriptor_fn([paths[i] for i in ids]), dtype=np.float32)
-        if d.ndim != 2 or d.shape[0] != len(ids):
-            raise ConfigError(f"descriptor_fn returned shape {d.shape}; expected [{len(ids)}, D]")
-    else:
-        return None
+def _normalised(d: np.ndarray, n: int) -> np.ndarray:
+    d = np.asarray(d, dtype=np.float32)
+    if d.ndim != 2 or d.shape[0] != n:
+        raise ConfigError(f"global descriptors have shape {d.shape}; expected [{n}, D]")
     return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+
+def _descriptor_source(paths: Mapping[str, Path], descriptors: Mapping[str, np.ndarray] | None,
+                       descriptor_fn: DescriptorFn | None) -> Callable[[list[str]], np.ndarray] | None:
+    """One interface (ids -> [n, D]) over precomputed descriptors and a model's ``descriptor_fn``."""
+    if descriptors is not None:
+        def lookup(ids: list[str]) -> np.ndarray:
+            missing = [i for i in ids if i not in descriptors]
+            if missing:
+                raise DatasetError(f"no global descriptor for {len(missing)} image(s), e.g. {missing[:3]}")
+            return np.stack([np.asarray(descriptors[i], np.float32) for i in ids])
+        return lookup
+    if descriptor_fn is not None:
+        return lambda ids: descriptor_fn([paths[i] for i in ids])
+    return None
 
 
 def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfig = CleanConfig(),
@@ -321,6 +330,7 @@ def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfi
     verifier = verifier or SpatialVerifier(max_features=cfg.max_features, max_side=cfg.max_side,
                                            reproj_threshold=cfg.reproj_threshold, cache_size=0)
     digest = cfg.digest() + ("-desc" if (descriptors is not None or descriptor_fn is not None) else "")
+    source = _descriptor_source(data.paths, descriptors, descriptor_fn)
     results: list[ClassResult] = []
     for name, ids in tqdm(data.classes.items(), desc="clean", unit="class", disable=not progress):
         key = _class_key(name)
@@ -335,8 +345,7 @@ def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfi
                     continue
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable previous result %s", res_path)
-        desc = _class_descriptors(ids, data.paths, descriptors, descriptor_fn)
-        res = clean_class(name, ids, data.paths, cfg, verifier, desc, thumbs_dir=out / "thumbs" / key)
+        res = clean_class(name, ids, data.paths, cfg, verifier, source, thumbs_dir=out / "thumbs" / key)
         atomic_write_json(res_path, {"config": digest, "result": asdict(res)})
         results.append(res)
     return write_outputs(results, out, cfg)

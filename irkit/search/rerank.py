@@ -235,21 +235,31 @@ class CVNetScorer:
             return out
         q_levels = self._query_levels(query)
         q_size = self.reranker.full_size(q_levels)
-        groups: dict[tuple[int, int], list[int]] = {}
-        levels = {}
+        # stream the candidates: group by map size, score a group as soon as it fills a batch, so
+        # at most one batch of prepared maps per size is held besides the cache
+        pending: dict[tuple[int, int], list[tuple[int, list[torch.Tensor]]]] = {}
         for pos, row in enumerate(cands.tolist()):
             lv = self.levels(row)
-            levels[pos] = lv
-            groups.setdefault(self.reranker.full_size(lv), []).append(pos)
-        for k_size, members in groups.items():
-            per = max(1, self.pair_bytes(q_size, k_size))
-            step = max(1, min(len(members), self.memory_budget // per))
-            for start in range(0, len(members), step):
-                batch = members[start:start + step]
-                k_levels = [torch.cat([levels[p][i] for p in batch]) for i in range(len(q_levels))]
-                s = self.reranker.score(q_levels, k_levels, chunk_bytes=self.chunk_bytes)
-                out[batch] = s.float().cpu().numpy()
+            k_size = self.reranker.full_size(lv)
+            group = pending.setdefault(k_size, [])
+            group.append((pos, lv))
+            if len(group) >= self.batch_size(q_size, k_size):
+                self._score_batch(q_levels, group, out)
+                group.clear()
+        for group in pending.values():
+            if group:
+                self._score_batch(q_levels, group, out)
         return out
+
+    def batch_size(self, q_size: tuple[int, int], k_size: tuple[int, int]) -> int:
+        """Candidates of map size ``k_size`` scored together within ``memory_budget``."""
+        return max(1, self.memory_budget // max(1, self.pair_bytes(q_size, k_size)))
+
+    def _score_batch(self, q_levels: list[torch.Tensor], group: list[tuple[int, list[torch.Tensor]]],
+                     out: np.ndarray) -> None:
+        k_levels = [torch.cat([lv[i] for _, lv in group]) for i in range(len(q_levels))]
+        s = self.reranker.score(q_levels, k_levels, chunk_bytes=self.chunk_bytes)
+        out[[pos for pos, _ in group]] = s.float().cpu().numpy()
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -387,6 +387,13 @@ class JointLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Momentum contrast (CVNet-Global)
 # --------------------------------------------------------------------------------------------------
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The wrapped module of a DDP / DataParallel wrapper, else the module itself."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return module.module
+    return module
+
+
 class MomentumEncoder(nn.Module):
     """A frozen copy of a module updated as an exponential moving average of the online module::
 
@@ -401,13 +408,13 @@ class MomentumEncoder(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ConfigError(f"MomentumEncoder momentum must lie in [0, 1], got {momentum}")
         self.momentum = float(momentum)
-        self.encoder = copy.deepcopy(getattr(module, "module", module))
+        self.encoder = copy.deepcopy(_unwrap(module))
         for p in self.encoder.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
-        online = getattr(online, "module", online)
+        online = _unwrap(online)
         for pk, pq in zip(self.encoder.parameters(), online.parameters()):
             pk.mul_(self.momentum).add_(pq.detach(), alpha=1.0 - self.momentum)
         for bk, bq in zip(self.encoder.buffers(), online.buffers()):

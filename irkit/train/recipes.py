@@ -224,7 +224,8 @@ class CFCDRecipe(Recipe):
         desc = self.model(x)
         fmap = self.tap.take()
         l_cls = self.cls(desc, y)
-        logs = {"cls": float(l_cls.detach()), "madacos_s": self.cls.last_s, "madacos_m": self.cls.last_m}
+        logs = {"cls": float(l_cls.detach()), "madacos_s": self.cls.last_s, "madacos_m": self.cls.last_m,
+                "local": 0.0, "matches": 0.0}
         loss = l_cls
         if self.stage() == 2:
             l_loc, n_match = self._local(desc.detach(), fmap, y)
@@ -273,15 +274,13 @@ class RegionModel(GlobalModel):
         channels = _feature_channels(base, feature_module)
         self.dim = channels
         if regions == "grid":
-            self.region_pool_kind = regions
-        self.rpool = RMAC(L=levels, dim=channels if project else None)
+            self.rpool = RMAC(L=levels, dim=channels if project else None)
             if project:
                 nn.init.eye_(self.rpool.proj.fc.weight)
         elif regions == "proposals":
             self.rpool = ProposalRMAC(channels, proposal_cfg or ProposalConfig(), project=project)
         else:
             raise ConfigError(f"model.regions must be 'grid' or 'proposals', got {regions!r}")
-
         self._tap = FeatureTap(base, feature_module)
 
     def feature_map(self, x: Tensor) -> Tensor:
@@ -326,6 +325,7 @@ class RMACTripletRecipe(Recipe):
         loss = self.triplet(desc[a], desc[p], desc[n]) if a.numel() else desc.sum() * 0.0
         logs = {"triplet": float(loss.detach()), "triplets": float(a.numel())}
         if self.model.regions_kind == "proposals":
+            logs.update(rpn_cls=0.0, rpn_reg=0.0)
             boxes = batch["boxes"]
             has = boxes[:, 0] >= 0
             if has.any():

@@ -1,6 +1,8 @@
 """`irkit eval`: score rankings with the revisitop protocol.
 
 Mode "precomputed" (``--gnd``): rankings or scores from any tool, saved as .npy.
+Mode "dataset" (``--dataset NAME --data-dir DIR``): extract with a model preset (cached feature
+stores), rank, optionally expand queries and re-rank, evaluate.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irkit.cli.common import add_model_args, model_from_args
 from irkit.data.revisitop import load_gnd
 from irkit.errors import ConfigError, RankingError
 from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks, format_table, ranks_from_scores
@@ -31,6 +34,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--scores", type=Path, help=".npy of similarities [n_db, n_queries] (higher = better)")
     pre.add_argument("--query-major", action="store_true",
                      help="the .npy is [n_queries, n_db] instead of [n_db, n_queries]")
+    ds = p.add_argument_group("dataset (extract, rank, evaluate)")
+    ds.add_argument("--dataset", help="revisitop-layout dataset name, e.g. roxford5k or minidev")
+    ds.add_argument("--data-dir", type=Path, help="folder holding <dataset>/gnd_<dataset>.pkl and jpg/")
+    ds.add_argument("--cache-dir", type=Path, help="feature-store cache (default $IRKIT_CACHE or ~/.cache/irkit)")
+    ds.add_argument("--qe", choices=["none", "aqe", "alpha"], default="none", help="query expansion")
+    ds.add_argument("--qe-k", type=int, default=2, help="neighbours for query expansion (default 2)")
+    ds.add_argument("--qe-alpha", type=float, default=3.0, help="alpha of alpha-QE (default 3)")
+    ds.add_argument("--dba", type=int, default=0, help="database-side augmentation neighbours (0 = off)")
+    ds.add_argument("--rerank", choices=["none", "cvnet", "spatial"], default="none",
+                    help="re-rank the global top-k (cvnet needs a cvnet-* model)")
+    ds.add_argument("--topk", type=int, default=100, help="candidates to re-rank (default 100)")
+    ds.add_argument("--rerank-mode", choices=["plain", "protocol"], default="plain",
+                    help="plain: the global top-k; protocol: skip images each protocol ignores (as CVNet/DELG)")
+    ds.add_argument("--lambda", dest="lam", type=float, default=0.5,
+                    help="final score = global + lambda * rerank (default 0.5)")
+    ds.add_argument("--report", type=Path, help="write an HTML report (table, AP bars, PR curves, top-10)")
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print {easy|medium|hard: {map, mp@1, mp@5, mp@10}} in percent")
     p.set_defaults(func=run)
 
@@ -39,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch on the mode: ``--gnd`` -> precomputed rankings."""
     if getattr(args, "gnd", None) is not None:
         return run_precomputed(args)
-    # other modes (e.g. --dataset NAME --data-dir DIR --model PRESET) dispatch here
+    if getattr(args, "dataset", None):
+        return run_dataset(args)
     raise ConfigError("nothing to evaluate: give --gnd GND.pkl with --ranks R.npy or --scores S.npy "
                       "(or --dataset NAME to extract and evaluate)")
 
@@ -88,5 +109,33 @@ def run_precomputed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results_json(results)))
     else:
+        print(format_table(results, KAPPAS))
+    return 0
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    """Extract (cached), rank, optionally QE and re-rank, evaluate; print the table or JSON."""
+    from irkit.pipeline import QueryExpansion, evaluate_dataset
+
+    if not args.data_dir:
+        raise ConfigError("--dataset needs --data-dir (the folder holding <dataset>/)")
+    qe = QueryExpansion(args.qe, args.qe_k, args.qe_alpha, args.dba)
+    model = model_from_args(args)
+    run_ = evaluate_dataset(args.data_dir, args.dataset, model, args.scales, qe=qe, cache_dir=args.cache_dir,
+                            with_maps=args.rerank == "cvnet", progress=not args.json)
+    results, label = run_.results, "global"
+    if args.rerank != "none":
+        from irkit.pipeline import rerank_results
+
+        results = rerank_results(run_, model, args.topk, mode=args.rerank_mode, method=args.rerank, lam=args.lam)
+        label = f"re-ranked ({args.rerank}, top {args.topk}, {args.rerank_mode} candidates, lambda {args.lam})"
+    if args.report:
+        from irkit.eval.report import write_report
+
+        write_report(results, run_, args.report, title=f"{args.dataset} · {model.preset_name} · {label}")
+    if args.json:
+        print(json.dumps(results_json(results)))
+    else:
+        print(f"{args.dataset} · {model.preset_name} · scales {list(run_.scales)} · {label}")
         print(format_table(results, KAPPAS))
     return 0

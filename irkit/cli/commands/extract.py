@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--distributed", action="store_true", help="run under torchrun: each rank extracts a "
+                   "shard into STORE/shards/, rank 0 merges them into STORE (see irkit.shard)")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="onnx: run the model with "
+                   "onnxruntime on CPU (--weights FILE.onnx, or the preset exported to a cached .onnx)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -27,10 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from irkit.extract import extract_to_store
 
+    if args.distributed:
+        from irkit.shard import run_extract_cli
+
+        return run_extract_cli(args)
     items = items_from_args(args)
-    model = model_from_args(args)
+    if args.runtime == "onnx":
+        from irkit.export import onnx_model_from_args
+
+        model = onnx_model_from_args(args)
+    else:
+        model = model_from_args(args)
     store = extract_to_store(model, items, args.store, scales=args.scales, with_maps=args.maps,
-                             batch_size=args.batch_size, dtype=args.dtype, workers=args.workers)
+                             batch_size=args.batch_size, dtype=args.dtype, workers=args.workers,
+                             optimize=args.runtime == "torch")
     print(f"{args.store}: {len(store)} descriptors ({model.preset_name}, dim {model.dim}); "
           f"{len(store.failures)} images failed (see the store's failure log)")
     return 0

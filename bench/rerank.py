@@ -1,0 +1,272 @@
+"""CVNet re-ranking of ONE query's top-100: irkit vs the straightforward (published-style) loop.
+
+    python bench/rerank.py [--sizes 512x384,1024x768] [--candidates 100] [--naive-candidates 3]
+                           [--threads 1] [--budget-mb 512]
+
+Weights: the deterministic random R50 checkpoint of the parity fixtures when ../shared is present
+(realistic activation ranges), else a seeded random init. Images: minidev photos resized to the
+given size (query = the first, candidates cycle over ``--distinct`` others).
+
+Variants, each in a fresh subprocess (so peak memory is its own):
+
+* ``naive``: what the published test loop does per candidate: run the backbone on the database
+  image again, build the full 4D correlation [9, hq, wq, hk, wk], run the 4D encoder with the plain
+  :func:`conv4d_reference`. Measured on ``--naive-candidates`` candidates and extrapolated linearly
+  to ``--candidates`` (said so in the output).
+* ``irkit-cold``: :class:`CVNetScorer` over stored maps (no backbone), every candidate projected
+  (no cache hit), fused correlation + first layer, batched within ``--budget-mb``.
+* ``irkit-warm``: same with the projected maps already in the scorer's LRU cache (the steady state
+  over many queries; the cache costs ``cache MiB/image`` of memory, printed).
+* ``irkit-fp16``: warm, from maps stored as float16 (max score change printed).
+
+Memory = peak resident set (VmHWM, reset right before the timed section) minus the resident set
+just before it, i.e. the working memory of the re-ranking itself; the absolute peak is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MINIDEV = SHARED / "assets" / "datasets" / "minidev" / "jpg"
+PARITY = SHARED / "reference" / "cvnet_parity"
+
+
+# ------------------------------------------------------------------------------------ utilities
+
+def _mem_mb() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) / 1024
+    return out
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _model():
+    import torch
+
+    from irkit.models.cvnet import CVNet, official_to_irkit
+
+    torch.manual_seed(0)
+    model = CVNet(50)
+    if (PARITY / "make_checkpoint.py").is_file():
+        spec = importlib.util.spec_from_file_location("mk", PARITY / "make_checkpoint.py")
+        mk = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mk)
+        sd = mk.build_state_dict(mk.read_keys(str(PARITY.parent / "cvnet_r50_state_dict_keys.txt")), 0)
+        model.load_state_dict(official_to_irkit(sd))
+    return model.eval()
+
+
+def _images(size: tuple[int, int], n: int) -> list[np.ndarray]:
+    import cv2
+
+    from irkit.io.images import load_image
+
+    w, h = size
+    paths = sorted(MINIDEV.glob("*.jpg")) if MINIDEV.is_dir() else []
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        if paths:
+            img = load_image(paths[(i * 7) % len(paths)])
+            out.append(np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)))
+        else:
+            low = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+            out.append(np.ascontiguousarray(cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)))
+    return out
+
+
+class _Maps:
+    """A FeatureStore stand-in: ``get_map(i)`` reads the map of row i from disk each time."""
+
+    has_maps = True
+
+    def __init__(self, folder: Path, distinct: int, fp16: bool = False) -> None:
+        self.folder, self.distinct, self.fp16 = folder, distinct, fp16
+
+    def get_map(self, i: int) -> np.ndarray:
+        m = np.load(self.folder / f"map{1 + i % self.distinct}.npy")
+        return m.astype(np.float16).astype(np.float32) if self.fp16 else m
+
+
+# -------------------------------------------------------------------------------------- workers
+
+def prepare(folder: Path, size: tuple[int, int], distinct: int) -> None:
+    """Images and their stage-3 maps (index 0 = query), as extraction would have stored them."""
+    import torch
+
+    from irkit.io.images import to_tensor
+
+    model = _model()
+    with torch.inference_mode():
+        for i, img in enumerate(_images(size, distinct + 1)):
+            np.save(folder / f"img{i}.npy", img)
+            fmap = model.rerank_map(to_tensor(img, model.input_spec)[None])[0]
+            np.save(folder / f"map{i}.npy", fmap.numpy())
+
+
+def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: int) -> dict:
+    import torch
+
+    from irkit.io.images import to_tensor
+    from irkit.search.rerank import CVNetScorer
+
+    model = _model()
+    rr = model.reranker
+    qmap = np.load(folder / "map0.npy")
+    result: dict = {"variant": variant}
+    with torch.inference_mode():
+        if variant == "naive":
+            q_levels = rr.prepare(torch.from_numpy(qmap)[None])
+            images = [np.load(folder / f"img{1 + i % distinct}.npy") for i in range(n_cands)]
+            before = _mem_mb()["VmRSS"]
+            _reset_peak()
+            t0 = time.perf_counter()
+            scores = []
+            for img in images:                       # the published loop: backbone again per pair
+                k_map = model.rerank_map(to_tensor(img, model.input_spec)[None])
+                corr = rr.correlation(q_levels, rr.prepare(k_map))
+                x = corr
+                for block in (rr.cv_learner.block1, rr.cv_learner.block2, rr.cv_learner.block3,
+                              rr.cv_learner.block4):
+                    for mod in block:
+                        x = mod.forward_reference(x) if hasattr(mod, "forward_reference") else mod(x)
+                logits = rr.cv_learner.mlp(x.flatten(2).mean(-1))
+                scores.append(float(torch.softmax(logits, 1)[0, 1]))
+                del corr, x
+            seconds = time.perf_counter() - t0
+        else:
+            store = _Maps(folder, distinct, fp16=variant == "irkit-fp16")
+            warm = variant != "irkit-cold"
+            scorer = CVNetScorer(rr, store, cache_bytes=(4 << 30) if warm else 0,
+                                 memory_budget=budget_mb << 20)
+            cands = np.arange(n_cands)
+            if warm:
+                for i in range(distinct):
+                    scorer.levels(i)
+                lv = scorer.levels(0)
+                result["cache_mb_per_image"] = sum(t.numel() * t.element_size() for t in lv) / 2**20
+            before = _mem_mb()["VmRSS"]
+            _reset_peak()
+            t0 = time.perf_counter()
+            scores = scorer.score(qmap, cands).tolist()
+            seconds = time.perf_counter() - t0
+        mem = _mem_mb()
+    result.update(n_scored=n_cands, seconds=seconds, rss_before_mb=before, peak_mb=mem["VmHWM"],
+                  work_peak_mb=mem["VmHWM"] - before, scores=scores, threads=torch.get_num_threads())
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def _run_worker(args, variant: str, folder: Path, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--folder", str(folder), "--n", str(n),
+           "--distinct", str(args.distinct), "--budget-mb", str(args.budget_mb), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args))
+    if proc.returncode:
+        sys.exit(f"worker {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _env(args) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="512x384,1024x768", help="image sizes WxH, comma-separated")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--naive-candidates", type=int, default=3,
+                    help="candidates the naive loop really scores (time extrapolated to --candidates)")
+    ap.add_argument("--distinct", type=int, default=12, help="distinct database images (candidates cycle)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every variant")
+    ap.add_argument("--budget-mb", type=int, default=512, help="irkit's memory budget per batch")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker or args.prepare:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.prepare:
+            w, h = (int(v) for v in args.sizes.split("x"))
+            prepare(Path(args.folder), (w, h), args.distinct)
+            return
+        print(json.dumps(worker(args.worker, Path(args.folder), args.n, args.distinct, args.budget_mb)))
+        return
+
+    print(f"CVNet R50 re-ranking of one query's top-{args.candidates}; {args.threads} thread(s); "
+          f"irkit memory budget {args.budget_mb} MiB; weights: "
+          f"{'parity random checkpoint' if PARITY.is_dir() else 'seeded random init'}; "
+          f"images: {'minidev' if MINIDEV.is_dir() else 'synthetic'}")
+    for size_txt in args.sizes.split(","):
+        w, h = (int(v) for v in size_txt.split("x"))
+        with tempfile.TemporaryDirectory(prefix="irkit-bench-rerank-") as tmp:
+            folder = Path(tmp)
+            prep = subprocess.run([sys.executable, __file__, "--prepare", "--folder", tmp, "--sizes", size_txt,
+                                   "--distinct", str(args.distinct), "--threads", str(args.threads)],
+                                  capture_output=True, text=True, env=_env(args))
+            if prep.returncode:
+                sys.exit(f"preparing {size_txt} failed:\n{prep.stderr[-3000:]}")
+            qshape = np.load(folder / "map0.npy", mmap_mode="r").shape
+            corr_mib = 9 * (qshape[1] * qshape[2]) ** 2 * 4 / 2**20
+            runs = {v: _run_worker(args, v, folder, args.candidates)
+                    for v in ("irkit-cold", "irkit-warm", "irkit-fp16")}
+            runs["naive"] = _run_worker(args, "naive", folder, args.naive_candidates)
+        n_naive = args.naive_candidates
+        naive_total = runs["naive"]["seconds"] / n_naive * args.candidates
+        print(f"\n== {w}x{h} (stage-3 map {qshape[1]}x{qshape[2]}; full 4D correlation {corr_mib:.0f} MiB)")
+        print(f"{'variant':<12} {'s/cand':>8} {'s/top-' + str(args.candidates):>10} {'work MiB':>9} "
+              f"{'peak MiB':>9}   note")
+        for name in ("naive", "irkit-cold", "irkit-warm", "irkit-fp16"):
+            r = runs[name]
+            per = r["seconds"] / r["n_scored"]
+            note = (f"measured on {n_naive} candidates, time extrapolated" if name == "naive"
+                    else f"cache {r.get('cache_mb_per_image', 0):.1f} MiB/image" if "cache_mb_per_image" in r else "")
+            print(f"{name:<12} {per:8.3f} {per * args.candidates:10.1f} {r['work_peak_mb']:9.0f} "
+                  f"{r['peak_mb']:9.0f}   {note}")
+        for name in ("irkit-cold", "irkit-warm"):
+            r = runs[name]
+            print(f"ratio naive / {name}: time {naive_total / r['seconds']:.1f}x, working memory "
+                  f"{runs['naive']['work_peak_mb'] / max(r['work_peak_mb'], 1e-9):.1f}x "
+                  f"(absolute peak {runs['naive']['peak_mb'] / r['peak_mb']:.1f}x)")
+        naive_scores = np.array(runs["naive"]["scores"])
+        diffs = {name: float(np.abs(np.array(runs[name]["scores"][:n_naive]) - naive_scores).max())
+                 for name in ("irkit-cold", "irkit-warm")}
+        fp16 = float(np.abs(np.array(runs["irkit-fp16"]["scores"]) - np.array(runs["irkit-warm"]["scores"])).max())
+        print(f"scores: max |irkit - naive| cold {diffs['irkit-cold']:.2e}, warm {diffs['irkit-warm']:.2e} "
+              f"(scores {naive_scores.min():.4f}..{naive_scores.max():.4f}); "
+              f"float16-stored maps vs float32: max |diff| {fp16:.2e} over {args.candidates} candidates")
+        if max(diffs.values()) > 1e-4:
+            print("WARNING: irkit and the straightforward loop disagree beyond 1e-4")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,641 @@
+"""The training loop: typed config, data, optimiser + schedule, AMP, DDP, checkpoints, resume, eval.
+
+Why it is built this way:
+
+* **Resume is exact.** A batch is a pure function of (seed, step) (:class:`BalancedBatches`), and a
+  checkpoint holds the complete recipe module (model + heads + queue + EMA encoder), optimiser,
+  scheduler, AMP scaler, step and RNG states. Resuming at step k therefore continues the same run:
+  on a deterministic CPU it ends with bit-identical parameters (tests/test_trainer.py checks it).
+* **Checkpoints are atomic.** Each is a directory ``checkpoints/step_XXXXXXX`` written under a
+  temporary name and renamed; ``latest.json`` (atomic) names the newest. Weights are safetensors
+  with a JSON config; optimiser/scheduler/RNG state is a weights-only-loadable ``torch.save``
+  file (no pickled objects). ``model.safetensors`` + ``model.json`` at the top of ``out_dir`` is
+  the exported inference model (loadable with :func:`load_trained` or
+  ``build_model(preset, weights=...)`` for plain presets).
+* **Library hygiene.** No prints (logging + tqdm), user mistakes raise ConfigError.
+
+Config: :class:`TrainConfig` (dataclasses), from the recipe's YAML in ``irkit/configs`` plus an
+optional user YAML plus ``key=value`` / ``KEY VALUE`` overrides (:func:`make_config`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from irkit.config import apply_overrides, from_dict, load_yaml, merge_dicts, to_dict
+from irkit.errors import CheckpointError, ConfigError
+from irkit.utils import atomic_path, atomic_write_json, resolve_device
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class ModelConfig:
+    preset: str = "effnetlite0-gem"
+    weights: str | None = None          # checkpoint to start from; None = the preset's default weights
+    pretrained: bool = True             # False: random initialisation even when the preset has weights
+    options: dict = field(default_factory=dict)   # preset build options, e.g. {dim: 512}
+    feature_module: str = "pool"        # module whose input is the last conv map
+    bn: str = "auto"                    # "train" | "frozen" | "auto" (frozen when starting from weights)
+    regions: str = "grid"               # rmac-triplet: "grid" (Tolias) | "proposals" (learned)
+    rmac_levels: int = 3
+    proposals_top_n: int = 8
+    anchor_sizes: list[float] = field(default_factory=lambda: [2.0, 4.0, 6.0])
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"   # synthetic | scenes | gldv2 | pairs | sfm120k | folder
+    path: str = ""            # CSV / pickle / class folder / photo folder ("" or "auto" for synthetic = photo_sources)
+    image_root: str = ""      # image root for gldv2 / pairs / sfm120k
+    exclude: list[str] = field(default_factory=list)   # photo names/globs to leave out (synthetic)
+    photo_sources: list[str] = field(default_factory=lambda: ["auto"])
+    num_scenes: int = 64      # kind=scenes: generated textured scenes
+    image_size: int = 224
+    batch_size: int = 16
+    per_class: int = 2
+    workers: int = 0
+    max_classes: int | None = None
+    min_images: int = 1
+    split: str = "train"      # sfm120k split
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"       # adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    head_lr_mult: float = 10.0
+    clip_grad: float = 5.0    # max gradient norm; <= 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"      # cosine | step | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01
+    step_size: int = 1000
+    gamma: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    scale: float = 30.0             # CurricularFace / CosFace scale
+    margin: float = 0.15            # CurricularFace / CosFace margin
+    momentum: float = 0.999         # momentum encoder
+    queue_size: int = 8192
+    contrast_scale: float = 30.0
+    contrast_weight: float = 1.0
+    madacos_a: float = 0.02
+    stage2_step: int = -1           # cfcd: step at which the local triplet joins (-1 = stage 1 only)
+    local_weight: float = 1.0
+    local_negatives: int = 6
+    local_margin: float = 0.1
+    ratio: float = 0.9
+    top_frac: float = 0.5
+    triplet_margin: float = 0.1
+    contrastive_margin: float = 0.7
+    hard_negatives: int = 5
+    rpn_weight: float = 1.0
+    rpn_detach: bool = True         # proposal loss does not move the backbone
+    joint_rank: str = "triplet"
+
+
+@dataclass
+class EvalConfig:
+    data_dir: str = ""              # revisitop-layout folder holding <name>/gnd_<name>.pkl
+    name: str = "minidev"
+    every: int = 0                  # steps between evaluations (0 = only at the end, if data_dir)
+    at_start: bool = False
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    max_side: int | None = None     # None: the model's own input convention
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "gem-contrastive"
+    out_dir: str = "runs/train"
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                # mixed precision (CUDA only; ignored on CPU)
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    progress: bool = True
+    deterministic: bool = False
+    max_minutes: float = 0.0        # stop (with a checkpoint) after this wall time; 0 = no limit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def list_recipe_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def make_config(recipe: str, overrides: Sequence[str] = (), config_file: str | os.PathLike | None = None
+                ) -> TrainConfig:
+    """Recipe defaults (``irkit/configs/<recipe>.yaml``) <- ``config_file`` <- ``overrides``."""
+    from irkit.train.recipes import get_recipe
+
+    get_recipe(recipe)
+    data: dict[str, Any] = {}
+    path = CONFIG_DIR / f"{recipe}.yaml"
+    if path.is_file():
+        data = load_yaml(path)
+    if config_file:
+        data = merge_dicts(data, load_yaml(config_file))
+    data["recipe"] = recipe
+    cfg = from_dict(TrainConfig, data)
+    cfg = apply_overrides(cfg, list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    errs = []
+    if cfg.steps < 1:
+        errs.append(f"steps must be >= 1 (got {cfg.steps})")
+    if cfg.data.batch_size < 2 or cfg.data.batch_size % cfg.data.per_class:
+        errs.append(f"data.batch_size ({cfg.data.batch_size}) must be >= 2 and a multiple of data.per_class "
+                    f"({cfg.data.per_class})")
+    if cfg.data.per_class < 2 and cfg.recipe in ("rmac-triplet", "gem-contrastive", "joint", "cfcd"):
+        errs.append(f"recipe {cfg.recipe} needs in-batch positives: data.per_class >= 2")
+    if cfg.optim.name not in ("adamw", "sgd"):
+        errs.append(f"optim.name must be adamw or sgd (got {cfg.optim.name!r})")
+    if cfg.schedule.kind not in ("cosine", "step", "constant"):
+        errs.append(f"schedule.kind must be cosine, step or constant (got {cfg.schedule.kind!r})")
+    if cfg.model.bn not in ("auto", "train", "frozen"):
+        errs.append(f"model.bn must be auto, train or frozen (got {cfg.model.bn!r})")
+    if cfg.data.kind not in ("synthetic", "scenes", "gldv2", "pairs", "sfm120k", "folder"):
+        errs.append(f"data.kind must be synthetic, scenes, gldv2, pairs, sfm120k or folder (got {cfg.data.kind!r})")
+    if cfg.data.image_size < 16:
+        errs.append(f"data.image_size must be >= 16 (got {cfg.data.image_size})")
+    if errs:
+        raise ConfigError("invalid training config: " + "; ".join(errs))
+
+
+# ---------------------------------------------------------------------------------------- building
+def build_base_model(cfg: TrainConfig) -> nn.Module:
+    """The preset with its starting weights (``model.weights``, else the preset default unless
+    ``model.pretrained=false``)."""
+    from irkit.models.registry import build_model, get_preset
+
+    preset = get_preset(cfg.model.preset)
+    if cfg.model.weights:
+        return build_model(cfg.model.preset, weights=cfg.model.weights, device="cpu", **cfg.model.options)
+    if cfg.model.pretrained and preset.default_weights is not None and preset.default_weights() is not None:
+        return build_model(cfg.model.preset, device="cpu", **cfg.model.options)
+    model = preset.build(**cfg.model.options)
+    model.preset_name = cfg.model.preset
+    model.weights_id = "random"
+    return model
+
+
+def starts_pretrained(cfg: TrainConfig) -> bool:
+    from irkit.models.registry import get_preset
+
+    if cfg.model.weights:
+        return True
+    preset = get_preset(cfg.model.preset)
+    return bool(cfg.model.pretrained and preset.default_weights is not None and preset.default_weights() is not None)
+
+
+def build_dataset(cfg: TrainConfig, spec) -> tuple[torch.utils.data.Dataset, np.ndarray, int, str]:
+    """(dataset taking (index, seed, slot) keys, labels, number of classes, description)."""
+    from irkit.data import training as T
+
+    D = cfg.data
+    if D.kind in ("synthetic", "scenes"):
+        if D.kind == "scenes":
+            folder = Path(D.path or Path(cfg.out_dir) / "scenes")
+            photos = T.synthetic_scenes(folder, D.num_scenes, size=max(256, D.image_size), seed=cfg.seed)
+            desc = f"{len(photos)} generated scenes in {folder}"
+        elif D.path and D.path != "auto":
+            from irkit.data.synthetic_pairs import photo_pool
+
+            photos = photo_pool(D.path, exclude=D.exclude)
+            desc = f"{len(photos)} photos under {D.path}"
+        else:
+            from irkit.data.photo_sources import locate_photo_pool
+
+            srcs = "auto" if list(D.photo_sources) == ["auto"] else list(D.photo_sources)
+            photos = locate_photo_pool(srcs, exclude=D.exclude)
+            desc = f"{len(photos)} photos from photo sources {D.photo_sources}"
+        ds = T.SyntheticViewSet(photos, D.image_size, spec)
+        return ds, ds.labels, len(photos), desc
+    if D.kind == "gldv2":
+        data = T.gldv2_clean(D.path, D.image_root, min_images=D.min_images, max_classes=D.max_classes)
+    elif D.kind == "pairs":
+        data = T.pairs_csv(D.path, D.image_root or None)
+    elif D.kind == "sfm120k":
+        data = T.sfm120k_pickle(D.path, D.image_root, D.split)
+    else:
+        data = T.folder_per_class(D.path)
+    return (T.AugmentedImages(data, D.image_size, spec), data.labels, data.num_classes,
+            f"{len(data)} images in {data.num_classes} classes ({D.kind}: {D.path})")
+
+
+def _lr_lambda(sc: ScheduleConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if sc.warmup_steps > 0 and step < sc.warmup_steps:
+            return (step + 1) / sc.warmup_steps
+        if sc.kind == "constant":
+            return 1.0
+        if sc.kind == "step":
+            return sc.gamma ** ((step - sc.warmup_steps) // max(1, sc.step_size))
+        span = max(1, total - sc.warmup_steps)
+        t = min(1.0, (step - sc.warmup_steps) / span)
+        return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def _set_bn(model: nn.Module, frozen: bool) -> None:
+    if not frozen:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Runs one training config. ``on_step(trainer, step)`` is called after every optimiser step
+    (tests use it to interrupt a run)."""
+
+    def __init__(self, cfg: TrainConfig, on_step: Callable[["Trainer", int], None] | None = None) -> None:
+        from irkit.train import distributed as D
+        from irkit.train.recipes import get_recipe
+
+        self.cfg = cfg
+        self.on_step = on_step
+        self.rank, self.world, local = D.init_from_env()
+        self.is_main = self.rank == 0
+        if self.world > 1 and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{local}")
+        else:
+            self.device = resolve_device(cfg.device)
+        self.amp = bool(cfg.amp and self.device.type == "cuda")
+        self.out = Path(cfg.out_dir)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        base = build_base_model(cfg)
+        self.pretrained = starts_pretrained(cfg)
+        self.dataset, self.labels, self.num_classes, data_desc = build_dataset(cfg, base.input_spec)
+        log.info("training data: %s", data_desc)
+        self.recipe = get_recipe(cfg.recipe)(base, cfg, self.num_classes).to(self.device)
+        self.bn_frozen = cfg.model.bn == "frozen" or (cfg.model.bn == "auto" and self.pretrained)
+        self.module: nn.Module = self.recipe
+        if self.world > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                self.recipe, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self._train_mode()
+        head = self.recipe.head_parameters()
+        head_ids = {id(p) for p in head}
+        body = [p for p in self.recipe.parameters() if p.requires_grad and id(p) not in head_ids]
+        O = cfg.optim
+        groups = [{"params": body, "lr": O.lr}, {"params": head, "lr": O.lr * O.head_lr_mult}]
+        groups = [g for g in groups if g["params"]]
+        if O.name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=O.lr, momentum=O.momentum, weight_decay=O.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=O.lr, weight_decay=O.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.schedule, cfg.steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+        self._eval_cache: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _train_mode(self) -> None:
+        self.recipe.train()
+        _set_bn(self.recipe.model, self.bn_frozen)
+
+    def _loader(self, start: int):
+        from irkit.data.training import BalancedBatches, collate
+
+        D = self.cfg.data
+        if (D.batch_size // self.world) % D.per_class:
+            raise ConfigError(f"data.batch_size / world size ({D.batch_size}/{self.world}) must be a multiple "
+                              f"of data.per_class ({D.per_class}) so every rank has whole groups")
+        sampler = BalancedBatches(self.labels, D.batch_size, D.per_class, seed=self.cfg.seed, start_step=start,
+                                  total_steps=self.cfg.steps, shard=(self.rank, self.world))
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=D.workers, persistent_workers=False,
+                                           pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def export_config(self) -> dict[str, Any]:
+        return {"preset": self.cfg.model.preset, "options": dict(self.cfg.model.options),
+                "recipe": self.cfg.recipe, "step": self.step, "train_config": to_dict(self.cfg),
+                **self.recipe.export_config()}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically (temp dir + rename), update ``latest.json``, export
+        the inference model to ``out_dir/model.safetensors``, prune old checkpoints."""
+        from safetensors.torch import save_file
+
+        from irkit.models.checkpoints import save_irkit_checkpoint
+
+        final = self.ckpt_root / f"step_{self.step:07d}"
+        tmp = self.ckpt_root / f".tmp_step_{self.step:07d}_{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_irkit_checkpoint(self.recipe.export(), self.export_config(), tmp / "model.safetensors")
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.recipe.state_dict().items()}
+        save_file(state, str(tmp / "train.safetensors"))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "rng": _rng_state()}, tmp / "train_state.pt")
+        atomic_write_json(tmp / "config.json", to_dict(self.cfg))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_json(self.out / "latest.json", {"step": self.step, "path": final.name})
+        for name in ("model.safetensors", "model.json"):
+            with atomic_path(self.out / name) as t:
+                shutil.copyfile(final / name, t)
+        old = sorted(self.ckpt_root.glob("step_*"))[:-max(1, self.cfg.keep_checkpoints)]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+        log.info("checkpoint %s", final)
+        return final
+
+    def load_checkpoint(self) -> bool:
+        """Restore the newest checkpoint of ``out_dir``; False when there is none."""
+        from safetensors.torch import load_file
+
+        latest = self.out / "latest.json"
+        if not latest.is_file():
+            return False
+        info = json.loads(latest.read_text())
+        folder = self.ckpt_root / info["path"]
+        if not folder.is_dir():
+            raise CheckpointError(f"{latest} names {folder}, which is missing; delete latest.json to restart")
+        saved_recipe = json.loads((folder / "config.json").read_text()).get("recipe")
+        if saved_recipe != self.cfg.recipe:
+            raise ConfigError(f"{self.out} holds a {saved_recipe!r} run; cannot resume it as {self.cfg.recipe!r}")
+        state = load_file(str(folder / "train.safetensors"))
+        missing, unexpected = self.recipe.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{folder}: training state does not match this config "
+                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        extra = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.scaler.load_state_dict(extra["scaler"])
+        _set_rng_state(extra["rng"])
+        self.step = int(extra["step"])
+        log.info("resumed %s at step %d", folder, self.step)
+        return True
+
+    # ----------------------------------------------------------------- metrics
+    def _log_csv(self, name: str, row: dict[str, Any]) -> None:
+        path = self.out / name
+        header = None
+        if path.is_file():
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh), None)
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header or list(row), extrasaction="ignore")
+            if not header:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _truncate_csv(self, name: str, step: int) -> None:
+        """Drop rows logged after ``step`` (they belong to the interrupted part of a resumed run)."""
+        path = self.out / name
+        if not path.is_file():
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            return
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows(kept)
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, float] | None:
+        """mAP (E/M/H) of the current model on ``eval.name`` under ``eval.data_dir``."""
+        E = self.cfg.eval
+        if not E.data_dir:
+            return None
+        res = evaluate_revisitop(self.recipe.export(), E.data_dir, E.name, E.scales, E.max_side,
+                                 cache=self._eval_cache if self._eval_cache is not None else {})
+        self._eval_cache = res.pop("_cache")
+        self._train_mode()
+        return res
+
+    # --------------------------------------------------------------------- run
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``cfg.steps``; returns a summary (final loss, last eval, checkpoint path)."""
+        from irkit.train import distributed as D
+
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            if not self.load_checkpoint():
+                log.warning("--resume: no checkpoint in %s, starting from step 0", self.out)
+        elif (self.out / "latest.json").is_file():
+            raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                              "another out_dir")
+        if self.is_main:
+            self._truncate_csv("metrics.csv", self.step)
+            self._truncate_csv("eval.csv", self.step)
+            atomic_write_json(self.out / "config.json", to_dict(cfg))
+        summary: dict[str, Any] = {"start_step": self.step}
+        if self.is_main and cfg.eval.at_start and self.step == 0:
+            summary["eval_start"] = self._run_eval()
+        self._train_mode()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.recipe}", unit="step",
+                   disable=not (cfg.progress and self.is_main))
+        t0 = time.time()
+        last_loss = float("nan")
+        stopped_early = False
+        for batch in self._loader(self.step):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self.recipe.step = self.step
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                loss, logs = self.module(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {self.step}; lower optim.lr or "
+                                         "enable clipping (optim.clip_grad)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            gnorm = float("nan")
+            if cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                gnorm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.clip_grad))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.recipe.after_step()
+            self.step += 1
+            last_loss = float(D.all_reduce_mean(loss.detach().float()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                row = {"step": self.step, "lr": self.optimizer.param_groups[0]["lr"], "loss": last_loss,
+                       "grad_norm": gnorm, "seconds": round(time.time() - t0, 3)}
+                row.update({k: v for k, v in logs.items()})
+                self._log_csv("metrics.csv", row)
+            timeout = cfg.max_minutes > 0 and (time.time() - t0) > cfg.max_minutes * 60
+            if self.is_main and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or timeout):
+                summary["checkpoint"] = str(self.save_checkpoint())
+            if self.is_main and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
+                self._run_eval()
+            if self.on_step is not None:
+                self.on_step(self, self.step)
+            if timeout:
+                log.warning("max_minutes=%.1f reached at step %d: stopping (resume with --resume)",
+                            cfg.max_minutes, self.step)
+                stopped_early = True
+                break
+        bar.close()
+        if self.is_main and cfg.eval.data_dir:
+            summary["eval"] = self._run_eval()
+        summary.update(step=self.step, loss=last_loss, seconds=round(time.time() - t0, 2),
+                       stopped_early=stopped_early)
+        return summary
+
+    def _run_eval(self) -> dict[str, float] | None:
+        res = self.evaluate()
+        if res is not None:
+            self._log_csv("eval.csv", {"step": self.step, "dataset": self.cfg.eval.name, **res})
+            log.info("eval %s at step %d: E %.2f M %.2f H %.2f", self.cfg.eval.name, self.step,
+                     res["easy"], res["medium"], res["hard"])
+        return res
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate_revisitop(model: nn.Module, data_dir: str | os.PathLike, name: str,
+                       scales: Sequence[float] = (1.0,), max_side: int | None = None,
+                       cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """mAP E/M/H (%) of ``model`` on a revisitop-layout dataset via irkit.extract + irkit.eval.
+
+    Decoded images are kept in ``cache`` (returned under ``"_cache"``) so periodic evaluation
+    decodes them once."""
+    from irkit.data.revisitop import load_revisitop
+    from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
+    from irkit.extract import embed_arrays
+    from irkit.io.images import crop_bbx, load_image, resize_max_side
+
+    cache = cache if cache is not None else {}
+    key = f"{data_dir}|{name}|{max_side}"
+    if cache.get("key") != key:
+        ds = load_revisitop(data_dir, name)
+
+        def prep(img: np.ndarray) -> np.ndarray:
+            return resize_max_side(img, max_side) if max_side else img
+
+        queries = [prep(crop_bbx(load_image(p), b) if b is not None else load_image(p))
+                   for p, b in zip(ds.query_paths, ds.query_bbx)]
+        db = [prep(load_image(p)) for p in ds.db_paths]
+        cache.clear()
+        cache.update(key=key, ds=ds, queries=queries, db=db)
+    ds = cache["ds"]
+    was = model.training
+    model.eval()
+    q = embed_arrays(model, cache["queries"], scales)
+    x = embed_arrays(model, cache["db"], scales)
+    model.train(was)
+    res = evaluate_ranks(ranks_from_scores(x @ q.T), ds.gnd)
+    return {"easy": float(res["easy"]["map"]), "medium": float(res["medium"]["map"]),
+            "hard": float(res["hard"]["map"]), "_cache": cache}
+
+
+# ------------------------------------------------------------------------------------ loading back
+def load_trained(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> nn.Module:
+    """Rebuild the inference model exported by a training run (``model.safetensors`` + ``.json``),
+    including recipe-specific wrappers (R-MAC grid / proposals)."""
+    from irkit.models.checkpoints import load_irkit_checkpoint, load_strict
+    from irkit.models.registry import get_preset
+
+    state, config = load_irkit_checkpoint(path)
+    preset = get_preset(config["preset"])
+    base = preset.build(**config.get("options", {}))
+    base.preset_name = config["preset"]
+    model: nn.Module = base
+    if config.get("wrapper") == "RegionModel":
+        from irkit.nn.region_proposals import ProposalConfig
+        from irkit.train.recipes import RegionModel
+
+        pcfg = ProposalConfig(top_n=config["proposals_top_n"], sizes=tuple(config["anchor_sizes"]),
+                              ratios=tuple(config["anchor_ratios"]))
+        model = RegionModel(base, config["regions"], config["rmac_levels"], proposal_cfg=pcfg,
+                            feature_module=config["feature_module"])
+        model.preset_name = f"{config['preset']}+rmac-{config['regions']}"
+    load_strict(model, state, source=str(path))
+    model.weights_id = f"{Path(path).name}:step{config.get('step')}"
+    return model.eval().to(resolve_device(device))
+
+
+def train(recipe: str, overrides: Sequence[str] = (), resume: bool = False,
+          config_file: str | os.PathLike | None = None,
+          on_step: Callable[[Trainer, int], None] | None = None) -> dict[str, Any]:
+    """Build the config, train, return the summary (the CLI and ``python -m irkit.train`` call this)."""
+    from irkit.train import distributed as D
+
+    cfg = make_config(recipe, overrides, config_file)
+    try:
+        return Trainer(cfg, on_step=on_step).fit(resume=resume)
+    finally:
+        D.cleanup()

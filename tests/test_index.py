@@ -1,0 +1,183 @@
+"""Index: exact search vs numpy, approximate recall, -1 handling, persistence, staleness, errors."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from irkit.errors import ConfigError, StoreError
+from irkit.search.index import Index, build_index, exact_search, load_or_build
+from irkit.store import FeatureStore
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, dim: int, n_centres: int, noise: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((n_centres, dim)))
+    x = centres[rng.integers(0, n_centres, n)] + noise * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return unit(x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """The test machine is small and shared: OpenMP spinning across threads only slows tests down."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(6000, 32, 60, 0.5)
+    q = unit(x[:50] + 0.2 * np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32))
+    return x, q
+
+
+def brute(q, x, k):
+    s = q @ x.T
+    r = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, r, 1), r
+
+
+def recall(rows, ref):
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(rows, ref)])
+
+
+def test_flat_equals_brute_force(data):
+    x, q = data
+    s, r = Index.build(x).search(q, 20)
+    bs, br = brute(q, x, 20)
+    assert s.dtype == np.float32 and r.dtype == np.int64 and r.shape == (50, 20)
+    np.testing.assert_allclose(s, bs, atol=1e-5)
+    assert recall(r, br) == 1.0
+    es, er = exact_search(q, x, 20, batch_size=700)  # streamed brute force agrees too
+    np.testing.assert_allclose(es, bs, atol=1e-5)
+    assert recall(er, br) == 1.0
+
+
+@pytest.mark.parametrize("factory, params, floor", [("IVF32,Flat", {"nprobe": 8}, 0.9),
+                                                    ("HNSW16", {"ef_search": 128}, 0.9)])
+def test_approximate_recall(data, factory, params, floor):
+    x, q = data
+    idx = Index.build(x, factory, **params)
+    _, r = idx.search(q, 50)
+    assert recall(r, brute(q, x, 50)[1]) >= floor
+    if "nprobe" in params:
+        assert idx.nprobe == 8 and idx.ef_search is None
+        idx.nprobe = 32  # all lists: exact
+        assert recall(idx.search(q, 50)[1], brute(q, x, 50)[1]) == 1.0
+    else:
+        assert idx.ef_search == 128 and idx.nprobe is None
+
+
+def test_pq_rescore_improves_recall(data):
+    x, q = data
+    idx = Index.build(x, "IVF16,PQ8x4", nprobe=16, train_size=2000)  # 4-bit codes: cheap to train
+    ref = brute(q, x, 10)
+    plain = recall(idx.search(q, 10)[1], ref[1])
+    s, r = idx.search(q, 10, rescore=True, rescore_k=300)
+    assert recall(r, ref[1]) >= max(plain, 0.95)
+    np.testing.assert_allclose(s, np.take_along_axis(q @ x.T, r, 1), atol=1e-5)  # exact scores
+    assert np.all(np.diff(s, axis=1) <= 1e-6)
+
+
+def test_missing_results_are_minus_one(data):
+    x, q = data
+    idx = Index.build(x[:7])
+    for rescore in (False, True):
+        s, r = idx.search(q[:3], 10, rescore=rescore)
+        assert r.shape == (3, 10)
+        assert (r[:, 7:] == -1).all() and np.isneginf(s[:, 7:]).all()
+        assert sorted(r[0, :7]) == list(range(7))
+
+
+def test_errors(data, tmp_path):
+    x, q = data
+    with pytest.raises(ConfigError, match="IVF12,Bogus"):
+        Index.build(x, "IVF12,Bogus")
+    with pytest.raises(ConfigError, match="PQ5"):
+        Index.build(x, "IVF8,PQ5")  # 5 does not divide 32
+    idx = Index.build(x)
+    with pytest.raises(ConfigError, match=r"\[n, 32\]"):
+        idx.search(q[:, :16], 5)
+    with pytest.raises(ConfigError, match="k must be positive"):
+        idx.search(q, 0)
+    with pytest.raises(ConfigError, match="nprobe"):
+        idx.nprobe = 4  # Flat has no lists
+    with pytest.raises(ConfigError, match="IVF"):
+        Index.build(x[:100], "IVF256,Flat")  # fewer vectors than lists
+    with pytest.raises(StoreError, match="empty"):
+        Index.build(np.zeros((0, 32), np.float32))
+    empty = FeatureStore.open_or_create(tmp_path / "s", model="m", config={}, dim=32)
+    with pytest.raises(StoreError, match="empty"):
+        build_index(empty)
+    with pytest.raises(StoreError, match="no index"):
+        Index.load(tmp_path / "nope.faiss")
+    with pytest.raises(ConfigError, match="rescore"):
+        Index(idx.faiss_index, "Flat").search(q, 5, rescore=True)
+
+
+@pytest.fixture
+def store(tmp_path, data):
+    x, _ = data
+    s = FeatureStore.open_or_create(tmp_path / "store", model="m", config={"a": 1}, dim=32, max_chunks=3)
+    for lo in range(0, 6000, 1000):
+        s.add([f"i{j}" for j in range(lo, lo + 1000)], ["p"] * 1000, x[lo:lo + 1000])
+    return s
+
+
+def test_save_load_and_staleness(store, data, tmp_path):
+    x, q = data
+    idx = build_index(store, "IVF32,Flat", nprobe=4)
+    path = tmp_path / "store" / "index.faiss"
+    assert path.exists() and (tmp_path / "store" / "index.faiss.json").exists()
+    loaded = Index.load(path, store=store)
+    assert loaded.factory == "IVF32,Flat" and loaded.ntotal == 6000 and loaded.nprobe == 4
+    s1, r1 = idx.search(q, 10)
+    s2, r2 = loaded.search(q, 10)
+    np.testing.assert_array_equal(r1, r2)
+    _, r3 = loaded.search(q, 10, rescore=True, rescore_k=100)  # rescoring reads the store
+    assert recall(r3, brute(q, store.descriptors(), 10)[1]) >= recall(r2, brute(q, x, 10)[1])
+    store.add(["new"], ["p"], x[:1])
+    with pytest.raises(StoreError, match="stale"):
+        Index.load(path, store=store)
+    rebuilt = load_or_build(store, "IVF32,Flat", path)
+    assert rebuilt.ntotal == 6001 and Index.load(path, store=store).ntotal == 6001
+    other = FeatureStore.open_or_create(tmp_path / "o", model="m2", config={}, dim=32)
+    other.add(["a"], ["p"], x[:1])
+    with pytest.raises(StoreError, match="another store"):
+        Index.load(path, store=other)
+    path.write_bytes(path.read_bytes()[:-10])  # index replaced without its sidecar
+    with pytest.raises(StoreError, match="disagree"):
+        Index.load(path)
+
+
+def test_store_fp16_build_matches_array(store, data):
+    x, q = data
+    _, r_store = Index.build(store).search(q, 10)
+    _, r_arr = Index.build(store.descriptors()).search(q, 10)
+    assert recall(r_store, r_arr) == 1.0
+    assert recall(r_store, brute(q, x, 10)[1]) >= 0.95  # float16 storage loses (almost) nothing
+
+
+def test_cli_index(store, tmp_path):
+    from irkit.cli.commands import index as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    out = tmp_path / "ivf.faiss"
+    args = parser.parse_args(["index", str(store.root), "--factory", "IVF16,Flat", "--nprobe", "3",
+                              "--dba", "2", "-o", str(out)])
+    store.close()
+    assert args.func(args) == 0
+    idx = Index.load(out, store=FeatureStore.open(store.root))
+    assert idx.factory == "IVF16,Flat" and idx.nprobe == 3 and idx.meta["dba"] == {"k": 2, "alpha": None}
+    with pytest.raises(ConfigError, match="DBA"):
+        idx.search(store.descriptors()[:2], 5, rescore=True)

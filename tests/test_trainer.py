@@ -1,0 +1,197 @@
+"""Trainer: every recipe runs a few steps and checkpoints; --resume continues exactly; configs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irkit.config import apply_overrides
+from irkit.errors import ConfigError
+from irkit.models.base import GlobalModel
+from irkit.models.registry import Preset, get_preset, register_preset
+from irkit.nn.pooling import GeM
+from irkit.train.trainer import Trainer, load_trained, make_config, train
+
+
+class TinyNet(GlobalModel):
+    """Three strided convs -> GeM -> FC -> L2: a backbone small enough for CPU tests."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.dim = dim
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU())
+        self.pool = GeM()
+        self.fc = nn.Linear(32, dim)
+
+    def forward(self, x):
+        return F.normalize(self.fc(self.pool(self.backbone(x))), dim=-1)
+
+
+try:
+    get_preset("test-tiny")
+except ConfigError:
+    register_preset(Preset("test-tiny", lambda **kw: TinyNet(**kw), "tests only"))
+
+TINY = ["model.preset=test-tiny", "model.pretrained=false", "data.kind=scenes", "data.num_scenes=6",
+        "data.image_size=64", "data.batch_size=6", "data.per_class=2", "progress=false", "log_every=1",
+        "loss.queue_size=24", "data.workers=0", "schedule.warmup_steps=1", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from irkit.data.training import synthetic_scenes
+
+    folder = tmp_path_factory.mktemp("scenes")
+    synthetic_scenes(folder, 6, size=96, seed=0)
+    return folder
+
+
+def _cfg(recipe: str, out: Path, scenes: Path, *extra: str):
+    return make_config(recipe, TINY + [f"data.path={scenes}", f"out_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("cvnet-global", []), ("cfcd", ["loss.stage2_step=1"]), ("rmac-triplet", ["model.regions=grid"]),
+    ("rmac-triplet", ["model.regions=proposals", "model.proposals_top_n=3"]), ("gem-contrastive", []),
+    ("joint", []),
+])
+def test_each_recipe_runs_and_checkpoints(tmp_path, scenes, recipe, extra):
+    cfg = _cfg(recipe, tmp_path, scenes, "steps=3", "ckpt_every=2", *extra)
+    summary = Trainer(cfg).fit()
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest == {"step": 3, "path": "step_0000003"}
+    ckpt = tmp_path / "checkpoints" / "step_0000003"
+    for name in ("model.safetensors", "model.json", "train.safetensors", "train_state.pt", "config.json"):
+        assert (ckpt / name).is_file()
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("step,lr,loss")
+    assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows)
+    model = load_trained(tmp_path / "model.safetensors")
+    x = torch.rand(2, 3, 64, 64)
+    d = model(x)
+    assert d.shape[0] == 2 and torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["recipe"] == recipe and meta["step"] == 3 and meta["preset"] == "test-tiny"
+    if recipe == "cfcd":
+        assert "matches" in rows[0]
+
+
+def test_old_checkpoints_pruned_and_refuse_overwrite(tmp_path, scenes):
+    cfg = _cfg("joint", tmp_path, scenes, "steps=4", "ckpt_every=1", "keep_checkpoints=2")
+    Trainer(cfg).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(cfg).fit()
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("recipe", ["cvnet-global", "cfcd"])
+def test_resume_after_interruption_is_exact(tmp_path, scenes, recipe):
+    """Kill after step 3 (last checkpoint at step 2), resume, finish: same state as one straight run."""
+    extra = ["steps=5", "ckpt_every=2", "loss.stage2_step=2", "data.workers=0"]
+    ref = Trainer(_cfg(recipe, tmp_path / "ref", scenes, *extra))
+    ref.fit()
+
+    def kill(trainer, step):
+        if step == 3:
+            raise _Kill()
+
+    cfg = _cfg(recipe, tmp_path / "run", scenes, *extra)
+    with pytest.raises(_Kill):
+        Trainer(cfg, on_step=kill).fit()
+    resumed = Trainer(cfg)
+    summary = resumed.fit(resume=True)
+    assert summary["start_step"] == 2 and resumed.step == 5
+    a, b = ref.recipe.state_dict(), resumed.recipe.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.scheduler.state_dict()["last_epoch"] == ref.scheduler.state_dict()["last_epoch"] == 5
+    sa, sb = ref.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for k in sa:
+        for name, v in sa[k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[k][name])), (k, name)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5]      # the interrupted step 3 is logged once
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, scenes):
+    summary = Trainer(_cfg("gem-contrastive", tmp_path, scenes, "steps=1")).fit(resume=True)
+    assert summary["start_step"] == 0 and summary["step"] == 1
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = make_config("cfcd", ["OPTIM.LR", "0.5", "data.batch_size=8", "model.options.dim=64",
+                               "eval.scales=0.7071,1", f"out_dir={tmp_path}"])
+    assert cfg.optim.lr == 0.5 and cfg.data.batch_size == 8 and cfg.model.options == {"dim": 64}
+    assert cfg.eval.scales == [0.7071, 1.0] and cfg.model.preset == "cfcd-r50"
+    assert cfg.loss.stage2_step == 50000          # from irkit/configs/cfcd.yaml
+    with pytest.raises(ConfigError, match="optim has no field 'lrr'"):
+        make_config("cfcd", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        make_config("cfcd", ["steps=many"])
+    with pytest.raises(ConfigError, match="multiple of data.per_class"):
+        make_config("joint", ["data.batch_size=7", "data.per_class=2"])
+    with pytest.raises(ConfigError, match="unknown training recipe"):
+        make_config("nope")
+    with pytest.raises(ConfigError, match="has no value"):
+        make_config("joint", ["steps"])
+    yaml_file = tmp_path / "my.yaml"
+    yaml_file.write_text("steps: 7\noptim: {lr: 0.25}\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        make_config("joint", [], yaml_file)
+    yaml_file.write_text("steps: 7\noptim: {lr: 0.25}\n")
+    cfg = make_config("joint", ["steps=9"], yaml_file)
+    assert cfg.steps == 9 and cfg.optim.lr == 0.25
+
+
+@dataclass
+class _M:
+    depth: int = 50
+    reduction_dim: int = 2048
+
+
+@dataclass
+class _T:
+    model: _M = field(default_factory=_M)
+    weights: str | None = None
+    data_dir: str = ""
+    scales: tuple[float, ...] = (1.0,)
+
+
+def test_cvnet_yacs_aliases():
+    from irkit.config import CVNET_TEST_ALIASES
+
+    M, T = _M, _T
+    cfg = apply_overrides(T(), ["MODEL.DEPTH", "101", "TEST.WEIGHTS", "ck.pyth", "TEST.SCALE_LIST",
+                                "[0.7071, 1.0, 1.4142]", "data_dir=/d"], CVNET_TEST_ALIASES)
+    assert cfg == T(M(101, 2048), "ck.pyth", "/d", (0.7071, 1.0, 1.4142))
+
+
+def test_cli_train_and_periodic_eval(tmp_path, scenes, minidev_dir, capsys):
+    from irkit.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "gem-contrastive", *TINY, f"data.path={scenes}", f"out_dir={out}", "steps=2",
+               "eval.every=1", f"eval.data_dir={minidev_dir}", "eval.name=minidev", "eval.max_side=96"])
+    assert rc == 0
+    rows = (out / "eval.csv").read_text().strip().splitlines()
+    assert rows[0] == "step,dataset,easy,medium,hard" and len(rows) == 3     # step 1 and final
+    assert 0 <= float(rows[-1].split(",")[3]) <= 100
+    rc = main(["train", "gem-contrastive", *TINY, f"data.path={scenes}", f"out_dir={out}", "steps=3", "--resume"])
+    assert rc == 0 and json.loads((out / "latest.json").read_text())["step"] == 3
+    assert main(["train", "gem-contrastive", "optim.nope=1"]) == 1
+    assert "optim has no field 'nope'" in capsys.readouterr().err
