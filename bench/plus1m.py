@@ -41,17 +41,19 @@ def synthetic_dataset(gnd: list[dict], n_db: int, dim: int, seed: int = 0) -> tu
     rng = np.random.default_rng(seed)
     q = unit(rng.standard_normal((len(gnd), dim), dtype=np.float32))
     db = rng.standard_normal((n_db, dim), dtype=np.float32)
+    # an image relevant to several queries (same landmark) gets a share of each of them
     for i, e in enumerate(gnd):
-        for key, noise in (("easy", 1.0), ("hard", 2.0), ("junk", 3.0)):
+        for key, weight in (("easy", 0.5), ("hard", 0.25), ("junk", 0.15)):
             idx = np.asarray(e[key], dtype=np.int64)
-            db[idx] = q[i] * np.sqrt(dim) / noise + rng.standard_normal((idx.size, dim), dtype=np.float32)
+            db[idx] += q[i] * np.sqrt(dim) * weight * rng.random((idx.size, 1), dtype=np.float32)
     return q, unit(db)
 
 
 def distractor_chunks(n: int, dim: int, seed: int = 1, chunk: int = CHUNK) -> Iterator[np.ndarray]:
     for k, start in enumerate(range(0, n, chunk)):
         rng = np.random.default_rng([seed, k])
-        yield unit(rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32), np.float16)
+        # uniform, not normal: 3x cheaper to draw, and after L2 just as uninformative
+        yield unit(rng.random((min(chunk, n - start), dim), dtype=np.float32) - 0.5, np.float16)
 
 
 def run(gnd: list[dict], n_db: int, dim: int, n_dis: int, n_check: int) -> None:
@@ -60,12 +62,13 @@ def run(gnd: list[dict], n_db: int, dim: int, n_dis: int, n_check: int) -> None:
     chunks = list(distractor_chunks(n_dis, dim)) if n_dis * dim * 2 <= 4 << 30 else None
     t_gen = time.perf_counter() - t0
     src = chunks if chunks is not None else distractor_chunks(n_dis, dim)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate_streaming(q, db, gnd, iter(src))
-    t_eval = time.perf_counter() - t0
+    t_eval, c_eval = time.perf_counter() - t0, time.process_time() - c0
     maps = " / ".join(f"{res[p]['map']:.2f}" for p in PROTOCOLS)
     print(f"{dim:5d}-D  +{n_dis:,} distractors: generated in {t_gen:6.1f} s, streamed evaluation "
-          f"{t_eval:6.1f} s ({'in memory' if chunks is not None else 'generated on the fly'});"
+          f"{t_eval:6.1f} s wall, {c_eval:6.1f} s CPU "
+          f"({'in memory' if chunks is not None else 'generated on the fly'});"
           f" mAP E/M/H {maps}")
     # equality against the full ranking on the first n_check distractors
     sub = np.concatenate(list(distractor_chunks(n_check, dim))).astype(np.float32)

@@ -1,7 +1,7 @@
 """CVNet re-ranking of ONE query's top-100: irkit vs the straightforward (published-style) loop.
 
     python bench/rerank.py [--sizes 512x384,1024x768] [--candidates 100] [--naive-candidates 3]
-                           [--threads 1] [--budget-mb 512]
+                           [--threads 1] [--budget-mb MiB]
 
 Weights: the deterministic random R50 checkpoint of the parity fixtures when ../shared is present
 (realistic activation ranges), else a seeded random init. Images: minidev photos resized to the
@@ -161,7 +161,7 @@ def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: i
             store = _Maps(folder, distinct, fp16=variant == "irkit-fp16")
             warm = variant != "irkit-cold"
             scorer = CVNetScorer(rr, store, cache_bytes=(4 << 30) if warm else 0,
-                                 memory_budget=budget_mb << 20)
+                                 memory_budget=None if budget_mb < 0 else budget_mb << 20)
             cands = np.arange(n_cands)
             if warm:
                 for i in range(distinct):
@@ -204,7 +204,8 @@ def main() -> None:
                     help="candidates the naive loop really scores (time extrapolated to --candidates)")
     ap.add_argument("--distinct", type=int, default=12, help="distinct database images (candidates cycle)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every variant")
-    ap.add_argument("--budget-mb", type=int, default=512, help="irkit's memory budget per batch")
+    ap.add_argument("--budget-mb", type=int, default=-1,
+                    help="irkit's memory budget per batch (default: the scorer's, one pair at a time on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -223,7 +224,7 @@ def main() -> None:
         return
 
     print(f"CVNet R50 re-ranking of one query's top-{args.candidates}; {args.threads} thread(s); "
-          f"irkit memory budget {args.budget_mb} MiB; weights: "
+          f"irkit memory budget {'default' if args.budget_mb < 0 else f'{args.budget_mb} MiB'}; weights: "
           f"{'parity random checkpoint' if PARITY.is_dir() else 'seeded random init'}; "
           f"images: {'minidev' if MINIDEV.is_dir() else 'synthetic'}")
     for size_txt in args.sizes.split(","):

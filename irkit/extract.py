@@ -174,8 +174,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
                                         dim=model.dim, dtype=dtype)
     items = list(items)
     _check_unique_ids(items)
-    failed = {f.get("id") for f in store.failures}
-    todo = [it for it in items if it.id not in store and it.id not in failed]
+    todo = [it for it in items if it.id not in store]  # earlier failures are retried (maybe fixed since)
     if len(todo) < len(items):
         log.info("store %s already holds %d of %d images; extracting %d", store_dir,
                  len(items) - len(todo), len(items), len(todo))
@@ -210,7 +209,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
         bar.update(1)
         if error is not None:
             log.warning("skipping %s", error)
-            store.log_failure(item.path, error, id=item.id)
+            store.log_failure(item.path, error)
             continue
         buf_items.append(item)
         buf_inputs.append(inputs)

@@ -10,7 +10,11 @@ run, so the two are interchangeable.
 Sharding is in contiguous blocks whose length is a multiple of the batch size. Every batch a
 rank runs is then exactly a batch a 1-rank run would run (same images, same shapes), so the
 descriptors are bit-identical to a 1-rank run, not merely close (batched convolutions are not
-guaranteed to give the same bits for different batch compositions).
+guaranteed to give the same bits for different batch compositions). One more condition: the
+same number of intra-op threads per process (oneDNN's reductions depend on it; with
+EfficientNet-Lite weights 1 vs 2 threads differ by ~3e-5, the float16 rounding step). torchrun
+sets ``OMP_NUM_THREADS=1`` per rank, so compare with a 1-rank run under ``OMP_NUM_THREADS=1``;
+when OMP_NUM_THREADS is unset, CPU ranks split the machine's cores between them.
 
 Usage (one machine, 4 processes; ``gloo`` on CPU, ``nccl`` when ``--device cuda``)::
 
@@ -88,7 +92,7 @@ def init_distributed(device: str = "cpu", timeout: datetime.timedelta = DEFAULT_
     if cuda:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    elif world > 1:
+    elif world > 1 and not os.environ.get("OMP_NUM_THREADS"):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():

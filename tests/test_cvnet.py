@@ -111,7 +111,8 @@ def test_module_keys_match_official_layout_both_ways() -> None:
         assert list(irkit_to_official(official_to_irkit(dict.fromkeys(official, 0)))) == list(official)
     assert official_to_irkit({"encoder_q.head.pool.p": 1})["pool.p"] == 1
     assert official_to_irkit({"encoder_q.s3.b6.f.c_bn.bias": 1}) == {"backbone.layer3.5.bn3.bias": 1}
-    assert official_to_irkit({"cv_learner.block2.3.conv1.weight": 1}) == {"reranker.cv_learner.block2.3.conv1.weight": 1}
+    assert official_to_irkit({"cv_learner.block2.3.conv1.weight": 1}) == {
+        "reranker.cv_learner.block2.3.conv1.weight": 1}
     assert official_to_irkit({"encoder_q.extra.w": 1}) == {"encoder_q.extra.w": 1}   # unknown keeps its name
 
 
@@ -169,7 +170,8 @@ def test_official_layout_loads_strictly(depth: int, official_states, tmp_path: P
 def test_strict_load_refuses_through_build_model(official_states, tmp_path: Path) -> None:
     state = dict(official_states[50])
     del state["encoder_q.s2.b3.f.b_bn.running_var"]
-    with pytest.raises(CheckpointError, match=r"missing\.pyth does not match.*missing: backbone\.layer2\.2\.bn2\.running_var"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing\.pyth does not match.*missing: backbone\.layer2\.2\.bn2\.running_var"):
         build_model("cvnet-r50", weights=_save(state, tmp_path / "missing.pyth"))
 
 
@@ -184,3 +186,31 @@ def test_allow_partial_loads_what_fits(official_states, tmp_path: Path) -> None:
     assert len(rep.mismatched) == 1 and rep.mismatched[0].startswith("reranker.conv2ds.0.weight")
     assert torch.equal(m.state_dict()["fc.weight"], state["encoder_q.head.fc.weight"])
     assert m.state_dict()["reranker.conv2ds.0.weight"].shape == (256, 1024, 3, 3)   # left at its init
+
+
+def test_verify_and_explain_commands(tmp_path: Path, capsys) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from irkit.cli import main
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(96, 128), (112, 80)]):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    assert main(["verify", *paths, "--model", "cvnet-r50", "--scales", "1", "--lambda", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"global", "rerank", "score"} and 0.0 <= out["rerank"] <= 1.0
+    assert out["score"] == pytest.approx(out["global"] + 0.25 * out["rerank"])
+    png = tmp_path / "why.png"
+    assert main(["explain", *paths, "--model", "cvnet-r50", "--scales", "1", "-o", str(png), "--top", "5",
+                 "--height", "64"]) == 0
+    pic = np.asarray(Image.open(png))
+    assert pic.dtype == np.uint8 and pic.shape[0] == 64 + 30 and pic.shape[2] == 3
+    assert pic.shape[1] == round(128 * 64 / 96) + 8 + round(80 * 64 / 112)
+    assert main(["verify", paths[0], str(tmp_path / "missing.jpg")]) == 1
+    assert "missing.jpg" in capsys.readouterr().err

@@ -133,6 +133,6 @@ def test_proposal_head_learns_a_box():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert float(loss.detach()) < 0.5 * first
     top = head.propose(fmap, top_n=3)[0]
     assert R.box_iou(top, gt).max().item() > 0.7

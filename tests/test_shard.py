@@ -49,8 +49,9 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, items: list[Item], store: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), OMP_NUM_THREADS="1",
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from irkit.shard import init_distributed
@@ -75,6 +76,7 @@ def _killed_rank(items: list[Item], store: str) -> None:
         return original(self, *a, **kw)
 
     FeatureStore.add = add  # type: ignore[method-assign]
+    torch.set_num_threads(1)
     extract_shard(tiny_model(), items, store, 1, 2, batch_size=BATCH, scales=SCALES, progress=False,
                   workers=0, flush_every=BATCH)
 
@@ -95,9 +97,14 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
     (root / "img").mkdir()
     items = make_items(root / "img")
-    ref = extract_to_store(tiny_model(), items, root / "ref", batch_size=BATCH, scales=SCALES,
-                           progress=False, workers=0)
-    ref.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (bits depend on the intra-op thread count)
+    try:
+        ref = extract_to_store(tiny_model(), items, root / "ref", batch_size=BATCH, scales=SCALES,
+                               progress=False, workers=0)
+        ref.close()
+    finally:
+        torch.set_num_threads(threads)
     return root, items, FeatureStore.open(root / "ref")
 
 

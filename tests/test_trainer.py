@@ -195,3 +195,87 @@ def test_cli_train_and_periodic_eval(tmp_path, scenes, minidev_dir, capsys):
     assert rc == 0 and json.loads((out / "latest.json").read_text())["step"] == 3
     assert main(["train", "gem-contrastive", "optim.nope=1"]) == 1
     assert "optim has no field 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ data
+def _png(path: Path, seed: int, size=(40, 50)) -> Path:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def test_folder_pairs_and_gldv2_sources(tmp_path):
+    from irkit.data import training as T
+    from irkit.errors import DatasetError
+
+    for c, n in (("b_cls", 2), ("a_cls", 3)):
+        for i in range(n):
+            _png(tmp_path / "folder" / c / f"{i}.png", i)
+    data = T.folder_per_class(tmp_path / "folder")
+    assert data.class_names == ["a_cls", "b_cls"] and data.labels.tolist() == [0, 0, 0, 1, 1]
+
+    (tmp_path / "pairs.csv").write_text("query,positive,cluster\nq1.jpg,p1.jpg,7\nq2.jpg,p2.jpg,3\np1.jpg,x.jpg,7\n")
+    data = T.pairs_csv(tmp_path / "pairs.csv")
+    assert [p.name for p in data.paths] == ["q1.jpg", "p1.jpg", "q2.jpg", "p2.jpg", "x.jpg"]
+    assert data.labels.tolist() == [1, 1, 0, 0, 1] and data.num_classes == 2
+    (tmp_path / "bad.csv").write_text("query,positive,cluster\nq1.jpg,p1.jpg,7\np1.jpg,z.jpg,8\n")
+    with pytest.raises(DatasetError, match="clusters 7 and 8"):
+        T.pairs_csv(tmp_path / "bad.csv")
+
+    (tmp_path / "train_clean.csv").write_text("landmark_id,images\n5,abc111 abd222\n2,aaa333\n9,bbb444 bbc555 bbd666\n")
+    data = T.gldv2_clean(tmp_path / "train_clean.csv", tmp_path / "img", min_images=2)
+    assert data.num_classes == 2 and data.class_names == ["5", "9"]
+    assert data.paths[0] == tmp_path / "img" / "a" / "b" / "c" / "abc111.jpg"
+    assert data.labels.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_balanced_batches_are_deterministic_grouped_and_sharded():
+    from irkit.data.training import BalancedBatches
+
+    labels = np.repeat(np.arange(10), 3)
+    s = BalancedBatches(labels, batch_size=8, per_class=2, seed=3)
+    b5 = s.batch(5)
+    assert b5 == BalancedBatches(labels, 8, 2, seed=3, start_step=5).batch(5)
+    assert list(BalancedBatches(labels, 8, 2, seed=3, start_step=5, total_steps=6)) == [b5]
+    idx = [i for i, _, _ in b5]
+    groups = [labels[idx[k:k + 2]] for k in range(0, 8, 2)]
+    assert all(g[0] == g[1] for g in groups) and len({int(g[0]) for g in groups}) == 4
+    assert [slot for _, _, slot in b5] == [0, 1] * 4
+    shards = [BalancedBatches(labels, 8, 2, seed=3, shard=(r, 2)).batch(5) for r in range(2)]
+    assert shards[0] + shards[1] == b5
+    assert s.batch(6) != b5
+
+
+def test_crop_flip_moves_the_box_with_the_pixels():
+    from irkit.data.training import random_resized_crop
+
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[10:30, 40:70] = 255                                   # the box [40, 10, 70, 30]
+    for seed in range(6):
+        out, box = random_resized_crop(img, 48, np.random.default_rng(seed), (1.0, 1.2), True, (40, 10, 70, 30))
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        assert out.shape == (48, 48, 3)
+        if x2 - x1 > 2 and y2 - y1 > 2:
+            assert out[y1 + 1:y2 - 1, x1 + 1:x2 - 1].min() > 200   # inside the box: white
+        mask = out.max(2) > 200
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            assert xs.min() >= x1 - 1 and xs.max() <= x2 and ys.min() >= y1 - 1 and ys.max() <= y2
+
+
+def test_synthetic_view_set_gives_overlap_box(tmp_path):
+    from irkit.data.training import SyntheticViewSet, synthetic_scenes
+    from irkit.io.images import InputSpec
+
+    photos = synthetic_scenes(tmp_path, 3, size=96, seed=0)
+    ds = SyntheticViewSet(photos, 64, InputSpec())
+    img0, lab0, box0 = ds[(1, 123, 0)]
+    img1, lab1, box1 = ds[(1, 123, 1)]
+    assert lab0 == lab1 == 1 and img0.shape == img1.shape == (3, 64, 64)
+    assert box1.tolist() == [-1.0] * 4
+    x1, y1, x2, y2 = box0.tolist()
+    assert 0 <= x1 < x2 <= 63 and 0 <= y1 < y2 <= 63 and (x2 - x1) * (y2 - y1) < 64 * 64
+    assert torch.equal(ds[(1, 123, 1)][0], img1)            # deterministic per key

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, Sampler
 
 from irkit.errors import ConfigError, DatasetError
 from irkit.io.images import InputSpec, load_image, to_tensor
+from irkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +339,10 @@ def synthetic_scenes(folder: str | os.PathLike, n: int, size: int = 256, seed: i
     out = []
     for i in range(n):
         p = folder / f"scene_{seed}_{i:05d}.png"
-        if not p.is_file():
+        if not p.is_file():  # written atomically: DDP ranks may generate the same set concurrently
             img = make_textured_scene((size, size), rng=np.random.default_rng([seed, i]))
-            cv2.imwrite(str(p), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            with atomic_path(p, suffix=".png") as tmp:
+                cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         out.append(p)
     return out
 

@@ -14,14 +14,15 @@ published (``model_state``)           irkit
 
 The re-ranker is split into :meth:`CVNetReranker.prepare` (feature pyramid + projection +
 normalisation, done ONCE per image and cacheable) and :meth:`CVNetReranker.score` (correlation +
-4D encoder, batched over candidates). ``score`` never materialises the full 4D correlation: the
-cosine correlation is bilinear in the two normalised feature maps, so resizing the correlation over
-the query (key) dims equals resizing the normalised query (key) features first; and the first
-center-pivot layer (stride 2) only reads the correlation at strided key positions (its query-dims
-conv) and at strided query positions (its key-dims conv). So the correlation is computed in chunks
-directly in the layout of the first layer's two 2D convolutions (about half of the values, a chunk
-at a time). :meth:`CVNetReranker.correlation` + :meth:`CVNetReranker.forward_reference` keep the
-published order of operations (full tensor) for tests, ``explain`` and benchmarks.
+4D encoder, batched over candidates). ``score`` never materialises the full 4D correlation
+[9, hq, wq, hk, wk] (324 MiB for a 1024x768 pair): the first center-pivot layer (stride 2) only
+reads it at strided key positions (its query-dims conv) and at strided query positions (its
+key-dims conv). So each half is computed in chunks of pivot positions, directly in the layout of
+that half's 2D convolution: the cosine of each pivot (its normalised feature resized to the full
+level size: resizing is linear, so resizing features equals resizing their correlation) with every
+position of the other side at the level's own resolution, then resized over those dims as the
+published code does. :meth:`CVNetReranker.correlation` + :meth:`CVNetReranker.forward_reference`
+keep the published order of operations (full tensor) for tests, benchmarks and pictures.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, register_preset
 from irkit.nn.backbones.resnet import ResNet, pycls_key_to_torchvision, torchvision_key_to_pycls
-from irkit.nn.conv4d import CenterPivotConv4d, center_pivot_conv4d
+from irkit.nn.conv4d import CenterPivotConv4d
 from irkit.nn.pooling import GeM
 
 log = logging.getLogger(__name__)
@@ -211,14 +212,20 @@ class CVNetReranker(nn.Module):
         return g.flatten(3).permute(0, 3, 1, 2).contiguous(), h2, w2
 
     def logits(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
-               chunk_bytes: int = 64 << 20) -> Tensor:
+               chunk_bytes: int = 32 << 20) -> Tensor:
         """Logits [B, 2] for one query (levels of batch 1, or B) against B candidates whose maps
         have equal size. ``chunk_bytes`` bounds each piece of the correlation computed at once."""
+        bsz = max(q_levels[0].shape[0], k_levels[0].shape[0])
+        return self.cv_learner.head(self._first_layer(q_levels, k_levels, bsz, chunk_bytes))
+
+    def _first_layer(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor], bsz: int,
+                     chunk_bytes: int) -> Tensor:
+        """Output of the first center-pivot conv [B, 16, hq', wq', hk', wk'] (before its GroupNorm),
+        straight from the normalised levels."""
         first = self.cv_learner.first
         s = first.stride
         hq, wq = self.full_size(q_levels)
         hk, wk = self.full_size(k_levels)
-        bsz = max(q_levels[0].shape[0], k_levels[0].shape[0])
         k_piv, hk2, wk2 = self._pivots(k_levels, s)
         q_piv, hq2, wq2 = self._pivots(q_levels, s)
         # query-dims conv at the strided key positions, key-dims conv at the strided query positions
@@ -226,8 +233,9 @@ class CVNetReranker(nn.Module):
         out_k = self._pivot_half(k_levels, q_piv, (hk, wk), bsz, first.conv2, s, chunk_bytes, False)
         och = out_q.shape[2]
         out = out_k.view(bsz, hq2, wq2, och, hk2, wk2).permute(0, 3, 1, 2, 4, 5).contiguous()
+        del out_k
         out += out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
-        return self.cv_learner.head(out)
+        return out
 
     @staticmethod
     def _pivot_half(dense_levels: Sequence[Tensor], pivots: Tensor, size: tuple[int, int], bsz: int,
@@ -266,7 +274,7 @@ class CVNetReranker(nn.Module):
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def score(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
-              chunk_bytes: int = 64 << 20) -> Tensor:
+              chunk_bytes: int = 32 << 20) -> Tensor:
         """P(same instance) [B] for one query against B equal-size candidates."""
         return torch.softmax(self.logits(q_levels, k_levels, chunk_bytes), dim=1)[:, 1]
 

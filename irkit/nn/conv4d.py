@@ -51,12 +51,14 @@ def center_pivot_conv4d(x: Tensor, weight_q: Tensor, bias_q: Tensor | None, weig
     out_q = F.conv2d(rows, weight_q, bias_q, stride=s, padding=weight_q.shape[-1] // 2)
     och, ha2, wa2 = out_q.shape[1:]
     out_q = out_q.view(bsz, hb2, wb2, och, ha2, wa2)
+    del rows  # free each temporary as soon as possible: these tensors are the peak memory
     # key-dims conv at the strided query positions: rows = (b, query position)
     xq = x[:, :, ::s, ::s] if s > 1 else x
     rows = xq.permute(0, 2, 3, 1, 4, 5).reshape(bsz * ha2 * wa2, ch, hb, wb)
     out_k = F.conv2d(rows, weight_k, bias_k, stride=s, padding=weight_k.shape[-1] // 2)
-    out_k = out_k.view(bsz, ha2, wa2, och, hb2, wb2)
-    out = out_k.permute(0, 3, 1, 2, 4, 5).contiguous()
+    del rows
+    out = out_k.view(bsz, ha2, wa2, och, hb2, wb2).permute(0, 3, 1, 2, 4, 5).contiguous()
+    del out_k
     out += out_q.permute(0, 3, 4, 5, 1, 2)
     return out
 

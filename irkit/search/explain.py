@@ -135,9 +135,10 @@ def draw_matches(query: np.ndarray, image: np.ndarray, matches: Matches, heat: b
         cv2.line(canvas, p1, p2, color, 2, cv2.LINE_AA)
         cv2.circle(canvas, p1, 4, color, -1, cv2.LINE_AA)
         cv2.circle(canvas, p2, 4, color, -1, cv2.LINE_AA)
-    if title:
-        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    if title:   # on a white band above the pictures, so lines never hide it
+        band = np.full((30, canvas.shape[1], 3), 255, np.uint8)
+        cv2.putText(band, title, (8, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        canvas = np.ascontiguousarray(np.concatenate([band, canvas], axis=0))
     return canvas
 
 

@@ -275,13 +275,13 @@ class Index:
         return scores, rows
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of each query's candidates, one query at a time (a few MB in cache, no big gather)."""
         take = _rows_source(self._vectors)
-        valid = cand >= 0
-        uniq, inv = np.unique(cand[valid], return_inverse=True)
-        vecs = take(uniq)
         exact = np.full(cand.shape, -np.inf, dtype=np.float32)
-        qi = np.nonzero(valid)[0]
-        exact[valid] = np.einsum("ij,ij->i", q[qi], vecs[inv])
+        for i in range(cand.shape[0]):
+            valid = np.flatnonzero(cand[i] >= 0)
+            if len(valid):
+                exact[i, valid] = take(cand[i, valid]) @ q[i]
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         out_s = np.take_along_axis(exact, order, axis=1)
         out_r = np.take_along_axis(cand, order, axis=1)

@@ -1,0 +1,125 @@
+"""onnxruntime (fp32, int8) rows for bench/extract.py, and the int8 mAP cost on minidev.
+
+    python bench/extract_onnx.py [--images 12] [--minidev] [--calib 16]
+
+bench/extract.py can call :func:`onnx_rows` with the model, images and its eager-loop speed; run
+alone, this file measures torch eager (batch-1 loop) vs irkit extraction with torch, onnxruntime
+fp32 and onnxruntime int8 (static QDQ) on generated JPEGs, and with ``--minidev`` the mAP of the
+three on minidev (irkit.pipeline.evaluate_dataset, cache in a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from irkit.export import OnnxModel, calibration_inputs, export_onnx, quantize_int8  # noqa: E402
+from irkit.extract import Item, extract_to_store  # noqa: E402
+from irkit.io.images import load_image  # noqa: E402
+
+SCALES = (0.7071, 1.0, 1.4142)
+MINIDEV = Path(__file__).resolve().parents[2] / "shared/assets/datasets"
+
+
+def onnx_models(model: Any, workdir: Path, calib_paths: Sequence[Path]) -> dict[str, OnnxModel]:
+    """fp32 export of ``model`` and its int8 (static QDQ, calibrated on ``calib_paths`` at SCALES)."""
+    fp32 = export_onnx(model, workdir / f"{model.preset_name}.onnx")
+    calib = calibration_inputs(model, [load_image(p) for p in calib_paths], SCALES)
+    int8 = quantize_int8(fp32, workdir / f"{model.preset_name}-int8.onnx", calib)
+    return {"onnx-fp32": OnnxModel(fp32), "onnx-int8": OnnxModel(int8)}
+
+
+def _extract(model: Any, paths: Sequence[Path], store: Path, optimize: bool) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    s = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], store, scales=SCALES, dtype="float32",
+                         progress=False, batch_size=8, optimize=optimize)
+    dt = time.perf_counter() - t0
+    return dt, np.asarray(s.descriptors())[[s.index_of(p.stem) for p in paths]]
+
+
+def onnx_rows(model: Any, paths: Sequence[Path], workdir: Path, eager_img_s: float,
+              calib_paths: Sequence[Path] | None = None) -> list[dict]:
+    """Rows {model, runtime, img_s, ratio (vs torch eager), min_cos (vs irkit torch)} for
+    irkit-torch, onnxruntime fp32 and int8 extraction of ``paths`` (same scales as bench/extract.py).
+
+    Hook in bench/extract.py (inside its temporary directory, after the effnet row)::
+
+        from extract_onnx import onnx_rows, print_rows
+        print_rows(onnx_rows(model, paths, tmp, rows[0]["plain_img_s"]))
+    """
+    workdir = Path(workdir)
+    models = onnx_models(model, workdir, calib_paths or paths[: min(8, len(paths))])
+    t_torch, ref = _extract(model, paths, workdir / "onnxbench-torch", True)
+    rows = [{"model": model.preset_name, "runtime": "irkit torch", "img_s": len(paths) / t_torch,
+             "ratio": len(paths) / t_torch / eager_img_s, "min_cos": 1.0}]
+    for name, m in models.items():
+        dt, got = _extract(m, paths, workdir / f"onnxbench-{name}", False)
+        rows.append({"model": model.preset_name, "runtime": name, "img_s": len(paths) / dt,
+                     "ratio": len(paths) / dt / eager_img_s, "min_cos": float((ref * got).sum(1).min())})
+    return rows
+
+
+def print_rows(rows: Sequence[dict]) -> None:
+    print(f"{'model':22s} {'runtime':12s} {'img/s':>8s} {'x eager':>8s} {'min cos vs torch':>17s}")
+    for r in rows:
+        print(f"{r['model']:22s} {r['runtime']:12s} {r['img_s']:8.2f} {r['ratio']:8.2f} {r['min_cos']:17.6f}")
+
+
+def minidev_maps(model: Any, models: dict[str, OnnxModel], cache: Path) -> dict[str, dict]:
+    """mAP E/M/H on minidev of the torch model and each OnnxModel (evaluate_dataset, cached in ``cache``)."""
+    from irkit.pipeline import evaluate_dataset
+
+    out = {"torch": evaluate_dataset(MINIDEV, "minidev", model, cache_dir=cache, progress=False).results}
+    for name, m in models.items():
+        out[name] = evaluate_dataset(MINIDEV, "minidev", m, cache_dir=cache, progress=False).results
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="effnetlite2-gem")
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--minidev", action="store_true", help="also measure mAP E/M/H on minidev")
+    ap.add_argument("--calib", type=int, default=16, help="minidev database images used to calibrate int8")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from extract import make_images, plain_loop
+
+    from irkit.models.registry import build_model
+
+    model = build_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "img").mkdir()
+        paths = make_images(tmp / "img", args.images, (800, 600))
+        calib = sorted((MINIDEV / "minidev" / "jpg").glob("*.jpg"))[:args.calib] if args.minidev else paths[:8]
+        t0 = time.perf_counter()
+        plain_loop(model, paths)
+        eager = len(paths) / (time.perf_counter() - t0)
+        print(f"{args.model}: torch eager batch-1 loop {eager:.2f} img/s over {len(paths)} images, scales {SCALES}")
+        rows = onnx_rows(model, paths, tmp, eager, calib)
+        print_rows(rows)
+        if args.minidev:
+            models = {"onnx-fp32": OnnxModel(tmp / f"{model.preset_name}.onnx"),
+                      "onnx-int8": OnnxModel(tmp / f"{model.preset_name}-int8.onnx")}
+            maps = minidev_maps(model, models, tmp / "cache")
+            print(f"minidev mAP E / M / H (int8 calibrated on {len(calib)} minidev database images)")
+            for name, res in maps.items():
+                print(f"  {name:10s} " + " / ".join(f"{res[p]['map']:.2f}" for p in ("easy", "medium", "hard")))
+            base = maps["torch"]
+            for name in ("onnx-fp32", "onnx-int8"):
+                print(f"  {name} - torch: " + " / ".join(f"{maps[name][p]['map'] - base[p]['map']:+.2f}"
+                                                        for p in ("easy", "medium", "hard")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
