@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache, partial
 from typing import Callable, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,19 +67,44 @@ class CFCD(GlobalModel):
         return out
 
 
-def convert(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Published CFCD ``model_state`` -> irkit :class:`CFCD` keys; drops ``desc_cls.weight``."""
+@lru_cache(maxsize=4)
+def _irkit_keys(depth: int) -> frozenset[str]:
+    with torch.device("meta"):  # key names only, no memory, no init cost
+        return frozenset(CFCD(depth).state_dict())
+
+
+def _infer_depth(state: Mapping[str, Tensor]) -> int | None:
+    stage3 = {int(m.group(1)) for k in state if (m := re.match(r"^globalmodel\.s3\.b(\d+)\.", k))}
+    return {6: 50, 23: 101}.get(max(stage3, default=0))
+
+
+def convert(state: Mapping[str, Tensor], depth: int | None = None) -> dict[str, Tensor]:
+    """Published CFCD ``model_state`` -> irkit :class:`CFCD` keys; drops ``desc_cls.weight``.
+
+    A published key whose irkit name the model does not have keeps its published name (so a strict
+    load reports it as the user sees it); published keys absent from the checkpoint are logged under
+    their published names (the strict load then reports their irkit names). ``depth`` defaults to
+    the one the stage-3 block count implies."""
+    depth = depth or _infer_depth(state)
+    known = _irkit_keys(depth) if depth in (50, 101) else None
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key in TRAINING_ONLY_KEYS:
             log.info("CFCD checkpoint: %s %s dropped (training-only classifier, unused for inference)",
                      key, tuple(value.shape))
             continue
+        new = key
         rest = key[len("globalmodel."):] if key.startswith("globalmodel.") else None
         if rest is not None and _PYCLS_KEY.match(rest):
-            out["backbone." + pycls_key_to_torchvision(rest)] = value
-        else:
-            out[key] = value
+            new = "backbone." + pycls_key_to_torchvision(rest)
+            if known is not None and new not in known:
+                new = key
+        out[new] = value
+    if known is not None:
+        missing = sorted(irkit_to_official({k: None for k in known if k not in out}))  # type: ignore[misc]
+        if missing:
+            log.warning("CFCD checkpoint lacks %d published key(s): %s%s", len(missing), ", ".join(missing[:8]),
+                        " ..." if len(missing) > 8 else "")
     return out
 
 
@@ -106,5 +133,5 @@ for _depth in (50, 101):
         description=(f"CFCD ResNet-{_depth}: GeM(p=3) -> FC 512 -> BN -> L2 (512-D, BGR input, scales "
                      "0.3535/0.5/0.7071/1/1.4142); loads the published checkpoint (model_state with "
                      "globalmodel.*, fc.*, bn.*; desc_cls.weight dropped)"),
-        convert=convert,
+        convert=partial(convert, depth=_depth),
     ))

@@ -145,7 +145,8 @@ class CVNetGlobalRecipe(Recipe):
     def forward(self, batch):
         x, y = batch["images"], batch["labels"]
         q = self.model(x)
-        self.key_encoder.encoder.train(self.model.training)
+        for mk, mq in zip(self.key_encoder.encoder.modules(), self.model.modules()):
+            mk.training = mq.training          # same train/eval (e.g. frozen-BN) modes as the online model
         k = self.key_encoder(x)
         l_cls = self.cls(q, y)
         l_con = self.contrast(q, k.float(), y)
