@@ -125,3 +125,52 @@ def evaluate_dataset(data_dir: str | os.PathLike, name: str, model: GlobalModel,
     scores = global_scores(q, db, qe)
     ranks = ranks_of(scores)
     return DatasetRun(ds, q, db, scores, ranks, evaluate_ranks(ranks, ds.gnd), scales, stores)
+
+
+class StoreRows:
+    """Re-rank maps of a store addressed by dataset row (store order may differ from the dataset's)."""
+
+    def __init__(self, store, ids: Sequence[str]) -> None:
+        self.store = store
+        self.rows = [store.index_of(i) if i in store else -1 for i in ids]
+        self.has_maps = store.has_maps
+
+    def get_map(self, i: int) -> np.ndarray:
+        row = self.rows[int(i)]
+        if row < 0:
+            raise ConfigError(f"image {i} of the dataset has no stored re-rank map (it failed to load)")
+        return self.store.get_map(row)
+
+
+def make_scorer(run: DatasetRun, model: GlobalModel, method: str):
+    """A re-rank scorer for the dataset of ``run``; query handles are query indices."""
+    ds = run.dataset
+    if method == "cvnet":
+        from irkit.search.rerank import CVNetScorer
+
+        reranker = getattr(model, "reranker", None)
+        if reranker is None:
+            raise ConfigError(f"--rerank cvnet needs a model with a CVNet re-ranker (cvnet-r50, cvnet-r101), "
+                              f"not {model.preset_name}")
+        return CVNetScorer(reranker, StoreRows(run.stores["database"], ds.imlist),
+                           StoreRows(run.stores["queries"], ds.qimlist))
+    if method == "spatial":
+        from irkit.search.spatial import FileSpatialScorer
+
+        return FileSpatialScorer([str(p) for p in ds.query_paths], [str(p) for p in ds.db_paths],
+                                 query_boxes=ds.query_bbx)
+    raise ConfigError(f"unknown re-ranking method {method!r}; use cvnet or spatial")
+
+
+def rerank_results(run: DatasetRun, model: GlobalModel, k: int = 100, mode: str = "plain",
+                   method: str = "cvnet", lam: float = 0.5, progress: bool = True) -> dict[str, Any]:
+    """Re-rank the global top-``k`` of every query and evaluate. In ``protocol`` mode each protocol's
+    numbers come from its own candidate list (images it ignores skipped, as CVNet/DELG did)."""
+    from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks
+    from irkit.search.rerank import rerank
+
+    out = rerank(run.scores, make_scorer(run, model, method), k=k, lam=lam, mode=mode,
+                 gnd=run.dataset.gnd, ranks=run.ranks, progress=progress)
+    if mode == "plain":
+        return evaluate_ranks(out.ranks["plain"], run.dataset.gnd)
+    return {p: evaluate_ranks(out.ranks[p], run.dataset.gnd)[p] for p in PROTOCOLS}

@@ -384,3 +384,36 @@ def inlier_box(feats: LocalFeatures, result: VerificationResult, side: str = "db
     col = 0 if side == "query" else 1
     pts = feats.keypoints[result.matches[result.inlier_mask, col]]
     return (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
+
+
+def inlier_score(inliers: np.ndarray | float, floor: float = 10.0, cap: float = 60.0) -> np.ndarray:
+    """Inlier counts mapped to [0, 1] for mixing with a cosine similarity: 0 up to ``floor`` (what
+    unrelated images reach by chance), rising linearly to 1 at ``cap``."""
+    return np.clip((np.asarray(inliers, np.float64) - floor) / (cap - floor), 0.0, 1.0)
+
+
+class FileSpatialScorer:
+    """The re-rank pipeline's scorer for images on disk: query ``j`` is ``query_paths[j]`` (cropped to
+    ``query_boxes[j]``), candidates are rows of ``db_paths``; score = :func:`inlier_score`.
+    Database features are cached for the whole run, since top-k lists of queries overlap."""
+
+    def __init__(self, query_paths: Sequence[str], db_paths: Sequence[str],
+                 query_boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
+                 verifier: SpatialVerifier | None = None, floor: float = 10.0, cap: float = 60.0) -> None:
+        self.query_paths, self.db_paths = list(query_paths), list(db_paths)
+        self.query_boxes = list(query_boxes) if query_boxes is not None else [None] * len(self.query_paths)
+        self.verifier = verifier or SpatialVerifier(cache_size=len(self.db_paths) + 1)
+        self.floor, self.cap = floor, cap
+
+    def _query(self, j: int) -> LocalFeatures:
+        from irkit.io.images import crop_bbx, load_image
+
+        img = load_image(self.query_paths[j])
+        if self.query_boxes[j] is not None:
+            img = crop_bbx(img, self.query_boxes[j])
+        return self.verifier.features(img)
+
+    def score(self, query: int, candidates: np.ndarray) -> np.ndarray:
+        fq = self._query(int(query))
+        inliers = self.verifier.score_candidates(fq, [self.verifier.features(self.db_paths[int(i)]) for i in candidates])
+        return inlier_score(inliers, self.floor, self.cap)
