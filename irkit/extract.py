@@ -3,6 +3,8 @@ decoding overlapped with compute, resumable into a FeatureStore (bad images logg
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,26 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
     return store
 
 
+def extract(images: str | Path | Sequence[str | Path], store: str | Path, model: str | GlobalModel = "effnetlite2-gem",
+            weights: str | Path | None = None, scales: Sequence[float] | None = None, device: str | None = "cpu",
+            with_maps: bool = False, **options):
+    """Extract a folder, a .txt/.csv list or a list of image files into the store at ``store``.
+
+    The Python face of `irkit extract`: ``irkit.extract("photos/", "store/")``. ``model`` is a preset
+    name (loaded with ``weights``) or a built model; ``options`` go to :func:`extract_to_store`."""
+    from irkit.data.collection import load_collection
+    from irkit.models.registry import build_model
+
+    if isinstance(images, (str, Path)):
+        col = load_collection(images)
+        items = [Item(i, str(p)) for i, p in zip(col.ids, col.paths)]
+    else:
+        items = [Item(Path(p).stem, str(p)) for p in images]
+    if isinstance(model, str):
+        model = build_model(model, weights=weights, device=device)
+    return extract_to_store(model, items, store, scales=scales, with_maps=with_maps, **options)
+
+
 def _scale_one_index(scales: Sequence[float]) -> int:
     for i, s in enumerate(scales):
         if abs(s - 1.0) < 1e-9:
@@ -236,6 +258,17 @@ def _check_unique_ids(items: Sequence[Item]) -> None:
     dups = [it.id for it in items if it.id in seen or seen.add(it.id)]  # type: ignore[func-returns-value]
     if dups:
         raise ConfigError(f"{len(dups)} duplicate image ids, e.g. {dups[:3]}")
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``irkit.extract(...)`` call :func:`extract` while ``python -m irkit.extract`` still runs
+    this module (the torchrun entry point)."""
+
+    def __call__(self, *args, **kwargs):
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":  # `torchrun --nproc-per-node N -m irkit.extract ARGS` (see irkit.shard)
