@@ -163,14 +163,16 @@ def make_scorer(run: DatasetRun, model: GlobalModel, method: str):
 
 
 def rerank_results(run: DatasetRun, model: GlobalModel, k: int = 100, mode: str = "plain",
-                   method: str = "cvnet", lam: float = 0.5, progress: bool = True) -> dict[str, Any]:
-    """Re-rank the global top-``k`` of every query and evaluate. In ``protocol`` mode each protocol's
-    numbers come from its own candidate list (images it ignores skipped, as CVNet/DELG did)."""
+                   method: str = "cvnet", lam: float = 0.5, progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """Re-rank the global top-``k`` of every query and evaluate: (results, rankings [n_db, n_q]).
+
+    In ``protocol`` mode each protocol's numbers come from its own candidate list (images it
+    ignores skipped, as CVNet/DELG did); the rankings returned are then the Medium protocol's."""
     from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks
     from irkit.search.rerank import rerank
 
     out = rerank(run.scores, make_scorer(run, model, method), k=k, lam=lam, mode=mode,
                  gnd=run.dataset.gnd, ranks=run.ranks, progress=progress)
     if mode == "plain":
-        return evaluate_ranks(out.ranks["plain"], run.dataset.gnd)
-    return {p: evaluate_ranks(out.ranks[p], run.dataset.gnd)[p] for p in PROTOCOLS}
+        return evaluate_ranks(out.ranks["plain"], run.dataset.gnd), out.ranks["plain"]
+    return {p: evaluate_ranks(out.ranks[p], run.dataset.gnd)[p] for p in PROTOCOLS}, out.ranks["medium"]

@@ -9,7 +9,7 @@ import torch
 
 from irkit.errors import CheckpointError
 from irkit.models.checkpoints import load_strict, read_checkpoint
-from irkit.nn.backbones import efficientnet_lite as eff
+import irkit.nn.backbones.efficientnet_lite as eff
 from irkit.nn.backbones.efficientnet_lite import (EfficientNetLite, efficientnet_lite,
                                                   find_pretrained_weights, require_pretrained_weights)
 

@@ -244,16 +244,12 @@ class Engine:
         return SearchResult(hits, bool(q.rerank), bool(q.qe), timings)
 
     def _alpha_qe(self, query: np.ndarray) -> np.ndarray:
-        """alpha-QE (Radenovic et al.): add the top neighbours weighted by similarity^alpha, re-normalise."""
+        """alpha-QE over the index's nearest neighbours (irkit.search.qe)."""
+        from irkit.search.qe import alpha_qe
+
         k = min(self.limits.qe_k, len(self.ids))
-        scores, rows = self.index.search(query, k)
-        rows, scores = rows[0], scores[0]
-        ok = rows >= 0
-        nb = self.store.take(rows[ok])
-        w = np.clip(scores[ok], 0, None) ** self.limits.qe_alpha
-        out = query[0] + (w[:, None] * nb).sum(0)
-        norm = np.linalg.norm(out)
-        return (out / norm if norm > 0 else query[0])[None, :].astype(np.float32)
+        neighbours = self.index.search(query, k)
+        return alpha_qe(query, self.store.descriptors(), k, self.limits.qe_alpha, neighbours=neighbours)
 
     # ------------------------------------------------------------------ writes
     def add(self, images: Sequence[tuple[str, bytes, np.ndarray, str]]) -> list[str]:

@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="plain: the global top-k; protocol: skip images each protocol ignores (as CVNet/DELG)")
     ds.add_argument("--lambda", dest="lam", type=float, default=0.5,
                     help="final score = global + lambda * rerank (default 0.5)")
+    ds.add_argument("--distractors", type=Path, help="+1M: a distractor feature store, or a revisitop1m list "
+                    "file (extracted into the cache first, needs --distractors-root); streamed, exact")
+    ds.add_argument("--distractors-root", type=Path, help="image root of the --distractors list file")
     ds.add_argument("--report", type=Path, help="write an HTML report (table, AP bars, PR curves, top-10)")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print {easy|medium|hard: {map, mp@1, mp@5, mp@10}} in percent")
@@ -119,20 +122,30 @@ def run_dataset(args: argparse.Namespace) -> int:
 
     if not args.data_dir:
         raise ConfigError("--dataset needs --data-dir (the folder holding <dataset>/)")
+    if args.distractors and (args.rerank != "none" or args.qe != "none" or args.dba or args.report):
+        raise ConfigError("--distractors (streamed +1M evaluation) works with global descriptors only: "
+                          "drop --rerank/--qe/--dba/--report")
     qe = QueryExpansion(args.qe, args.qe_k, args.qe_alpha, args.dba)
     model = model_from_args(args)
     run_ = evaluate_dataset(args.data_dir, args.dataset, model, args.scales, qe=qe, cache_dir=args.cache_dir,
                             with_maps=args.rerank == "cvnet", progress=not args.json)
-    results, label = run_.results, "global"
+    results, ranks, label = run_.results, run_.ranks, "global"
+    if args.distractors:
+        from irkit.eval.streaming import evaluate_with_distractors
+
+        results = evaluate_with_distractors(run_.queries, run_.database, run_.dataset.gnd, args.distractors,
+                                            distractors_root=args.distractors_root, model=model,
+                                            scales=run_.scales, cache_dir=args.cache_dir, progress=not args.json)
+        label = f"global, +{results.get('n_distractors', '?')} distractors"
     if args.rerank != "none":
         from irkit.pipeline import rerank_results
 
-        results = rerank_results(run_, model, args.topk, mode=args.rerank_mode, method=args.rerank, lam=args.lam)
+        results, ranks = rerank_results(run_, model, args.topk, mode=args.rerank_mode, method=args.rerank, lam=args.lam)
         label = f"re-ranked ({args.rerank}, top {args.topk}, {args.rerank_mode} candidates, lambda {args.lam})"
     if args.report:
         from irkit.eval.report import write_report
 
-        write_report(results, run_, args.report, title=f"{args.dataset} · {model.preset_name} · {label}")
+        write_report(results, ranks, run_.dataset.gnd, run_.dataset, args.report, title=f"{args.dataset} · {model.preset_name} · {label}")
     if args.json:
         print(json.dumps(results_json(results)))
     else:

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(run_.results))
         if rerank is not None:
             for k in cfg.topk:
-                results = rerank(run_, k)
+                results, _ = rerank(run_, k)
                 print(f">> {name}: re-ranked top {k} ({args.rerank_mode} candidates)")
                 print(format_table(results))
     return 0
@@ -106,4 +106,4 @@ def _reranker(model, cfg: CVNetTestConfig, args: argparse.Namespace):
     """A function (run, k) -> results re-ranking with the model's CVNet head, or None without one."""
     from irkit.pipeline import rerank_results
 
-    return lambda run_, k: rerank_results(run_, model, k, mode=args.rerank_mode)
+    return lambda run_, k: rerank_results(run_, model, k, mode=args.rerank_mode, method="cvnet")
