@@ -149,3 +149,16 @@ def explain_pair(model: GlobalModel, query: np.ndarray, image: np.ndarray, top: 
     matches = correlation_matches(model, query, image, top)
     title = f"global {scores['global']:.3f}  rerank {scores['rerank']:.3f}  score {scores['score']:.3f}"
     return draw_matches(query, image, matches, heat=heat, height=height, title=title), scores
+
+
+def explain_png(model: GlobalModel, query: np.ndarray, image: np.ndarray, top: int = 40, heat: bool = True,
+                height: int = 480) -> bytes:
+    """PNG bytes of :func:`explain_pair`'s picture (what the HTTP service returns)."""
+    import io
+
+    from PIL import Image
+
+    picture, _ = explain_pair(model, query, image, top=top, heat=heat, height=height)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()
