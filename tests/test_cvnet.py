@@ -171,7 +171,7 @@ def test_strict_load_refuses_through_build_model(official_states, tmp_path: Path
     state = dict(official_states[50])
     del state["encoder_q.s2.b3.f.b_bn.running_var"]
     with pytest.raises(CheckpointError,
-                       match=r"missing\.pyth does not match.*missing: backbone\.layer2\.2\.bn2\.running_var"):
+                       match=r"missing\.pyth does not match.*missing: encoder_q\.s2\.b3\.f\.b_bn\.running_var"):
         build_model("cvnet-r50", weights=_save(state, tmp_path / "missing.pyth"))
 
 
@@ -182,8 +182,9 @@ def test_allow_partial_loads_what_fits(official_states, tmp_path: Path) -> None:
     state["encoder_q.unused"] = torch.zeros(1)
     m = build_model("cvnet-r50", weights=_save(state, tmp_path / "partial.pyth"), allow_partial=True)
     rep = m.load_report
-    assert rep.missing == ["fc.bias"] and rep.unexpected == ["encoder_q.unused"]
-    assert len(rep.mismatched) == 1 and rep.mismatched[0].startswith("reranker.conv2ds.0.weight")
+    # keys are named as the published checkpoint spells them
+    assert rep.missing == ["encoder_q.head.fc.bias"] and rep.unexpected == ["encoder_q.unused"]
+    assert len(rep.mismatched) == 1 and rep.mismatched[0].startswith("conv2ds.0.weight")
     assert torch.equal(m.state_dict()["fc.weight"], state["encoder_q.head.fc.weight"])
     assert m.state_dict()["reranker.conv2ds.0.weight"].shape == (256, 1024, 3, 3)   # left at its init
 

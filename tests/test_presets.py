@@ -105,7 +105,7 @@ def test_cfcd_refuses_bad_checkpoints(reference_dir, tmp_path, caplog):
     preset = get_preset("cfcd-r50")
     good = _official_state(reference_dir, desc_cls_rows=4)
     faults = {
-        # published globalmodel.s3.b2.f.b.weight: logged under that name, refused under its irkit name
+        # published globalmodel.s3.b2.f.b.weight: build_model names it so; load_strict alone uses the irkit name
         "missing": ("backbone.layer3.1.conv2.weight", lambda s: s.pop("globalmodel.s3.b2.f.b.weight")),
         "unexpected": ("globalmodel.s5.b1.f.a.weight",
                        lambda s: s.__setitem__("globalmodel.s5.b1.f.a.weight", torch.zeros(3))),
@@ -117,7 +117,8 @@ def test_cfcd_refuses_bad_checkpoints(reference_dir, tmp_path, caplog):
         damage(state)
         path = _save(state, tmp_path / f"{fault}.pyth")
         if i == 0:                                              # once end to end through build_model
-            with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match=re.escape(named)):
+            with caplog.at_level(logging.WARNING), pytest.raises(
+                    CheckpointError, match=re.escape("missing: globalmodel.s3.b2.f.b.weight")):
                 build_model("cfcd-r50", weights=path)
             assert "globalmodel.s3.b2.f.b.weight" in caplog.text
         converted = preset.convert(read_checkpoint(path))

@@ -134,4 +134,5 @@ for _depth in (50, 101):
                      "0.3535/0.5/0.7071/1/1.4142); loads the published checkpoint (model_state with "
                      "globalmodel.*, fc.*, bn.*; desc_cls.weight dropped)"),
         convert=partial(convert, depth=_depth),
+        unconvert=irkit_to_official,
     ))

@@ -8,7 +8,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -83,20 +83,22 @@ class LoadReport:
 
 
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], allow_partial: bool = False,
-                source: str = "checkpoint") -> LoadReport:
+                source: str = "checkpoint", display: Callable[[str], str] | None = None) -> LoadReport:
     """Load ``state`` into ``module``; refuse any missing, unexpected or mis-shaped key unless
-    ``allow_partial`` (then load what fits and report the rest)."""
+    ``allow_partial`` (then load what fits and report the rest). ``display`` renames keys in the
+    report (e.g. back to a published checkpoint's naming)."""
+    name = display or (lambda k: k)
     expected = module.state_dict()
     report = LoadReport()
     usable = {}
     for key, value in state.items():
         if key not in expected:
-            report.unexpected.append(key)
+            report.unexpected.append(name(key))
         elif tuple(value.shape) != tuple(expected[key].shape):
-            report.mismatched.append(f"{key}: {source} {tuple(value.shape)} vs model {tuple(expected[key].shape)}")
+            report.mismatched.append(f"{name(key)}: {source} {tuple(value.shape)} vs model {tuple(expected[key].shape)}")
         else:
             usable[key] = value
-    report.missing = [k for k in expected if k not in state]
+    report.missing = [name(k) for k in expected if k not in state]
     if not report.complete and not allow_partial:
         raise CheckpointError(f"{source} does not match {type(module).__name__}: {report.summary()}. "
                               "Check the model preset/depth, or pass --allow-partial to load what fits.")

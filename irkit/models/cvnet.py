@@ -357,4 +357,5 @@ for _depth in (50, 101):
                      "0.7071/1/1.4142) + correlation-verification re-ranker; loads the published "
                      "CVNet checkpoint (model_state with encoder_q.*, conv2ds.*, cv_learner.*)"),
         convert=official_to_irkit,
+        unconvert=irkit_to_official,
     ))

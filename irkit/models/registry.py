@@ -23,13 +23,15 @@ _NOT_PRESET_MODULES = {"base", "registry", "checkpoints"}
 @dataclass(frozen=True)
 class Preset:
     """``build(**options)`` makes the module with random weights; ``convert`` maps a published state
-    dict onto the module's keys (identity when None); ``default_weights`` finds weights a fresh
-    install has (e.g. from a pip package) or returns None."""
+    dict onto the module's keys (identity when None) and ``unconvert`` maps back (so load errors
+    name keys as the checkpoint spells them); ``default_weights`` finds weights a fresh install has
+    (e.g. from a pip package) or returns None."""
 
     name: str
     build: Callable[..., GlobalModel]
     description: str
     convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
+    unconvert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
     default_weights: Callable[[], Path | None] | None = None
 
 
@@ -81,11 +83,21 @@ def build_model(name: str, weights: str | Path | None = None, allow_partial: boo
         model.weights_id = "random"
     else:
         state = read_checkpoint(path)
+        display = None
         if preset.convert is not None and not _matches_module(model, state):
             state = preset.convert(state)
-        model.load_report = load_strict(model, state, allow_partial=allow_partial, source=str(path))
+            if preset.unconvert is not None:
+                display = _key_display(preset.unconvert)
+        model.load_report = load_strict(model, state, allow_partial=allow_partial, source=str(path),
+                                        display=display)
         model.weights_id = f"{path.name}:{file_sha256(path)[:16]}"
     return model.eval().to(resolve_device(device))
+
+
+def _key_display(unconvert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]) -> Callable[[str], str]:
+    """A module key -> the name the published checkpoint gives it."""
+    empty = torch.empty(0)
+    return lambda key: next(iter(unconvert({key: empty})))
 
 
 def _matches_module(model: torch.nn.Module, state: Mapping[str, Tensor]) -> bool:

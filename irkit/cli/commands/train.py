@@ -12,7 +12,7 @@ import json
 from irkit.errors import ConfigError
 
 #: kept here so building the CLI parser does not import torch-heavy training code
-RECIPE_NAMES = ("cvnet-global", "cfcd", "rmac-triplet", "gem-contrastive", "joint")
+RECIPE_NAMES = ("cvnet-global", "cfcd", "rmac-triplet", "gem-contrastive", "joint", "cvnet-rerank")
 _FLAGS = {"--resume": 0, "--config": 1, "--print-config": 0}
 
 
@@ -65,6 +65,15 @@ def run(args: argparse.Namespace) -> int:
     from irkit.train.trainer import make_config, train
 
     args = split_flags(args)
+    if args.recipe == "cvnet-rerank":  # own loop on cached maps (frozen backbone): irkit/train/rerank.py
+        from irkit.train import rerank
+
+        if args.print_config:
+            print(json.dumps(rerank.config_dict(args.overrides, args.config), indent=2))
+            return 0
+        summary = rerank.train_rerank(args.overrides, resume=args.resume, config_file=args.config)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
     if args.print_config:
         print(json.dumps(to_dict(make_config(args.recipe, args.overrides, args.config)), indent=2))
         return 0
