@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -33,3 +34,13 @@ def revisitop_gnd_dir() -> Path:
 def reference_dir() -> Path:
     """../shared/reference: official key lists and the CVNet parity fixtures."""
     return _need(REFERENCE)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of small tensors: on a shared, busy machine OpenMP threads
+    spin-waiting on each other made a 10 ms CVNet pair take 1.7 s. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

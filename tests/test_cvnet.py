@@ -15,14 +15,7 @@ from irkit.models.registry import build_model, get_preset, list_presets
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tensors are small, and on a shared, busy machine OpenMP threads
-    spin-waiting on each other made a 10 ms pair take 1.7 s. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _keys(depth: int) -> list[tuple[str, tuple[int, ...], str]]:

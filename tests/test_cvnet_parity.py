@@ -14,18 +14,11 @@ from irkit.io.images import resize_scale, to_tensor
 from irkit.models.registry import build_model
 
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cvnet_parity"
-pytestmark = pytest.mark.skipif(not (PARITY / "reference_outputs.npz").is_file(),
-                                reason=f"CVNet parity fixtures absent ({PARITY}; they live in ../shared)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tensors are small, and on a shared, busy machine OpenMP threads
-    spin-waiting on each other made a 10 ms pair take 1.7 s. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(not (PARITY / "reference_outputs.npz").is_file(),
+                       reason=f"CVNet parity fixtures absent ({PARITY}; they live in ../shared)"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 def _max_abs(a, b) -> float:

@@ -18,14 +18,7 @@ GND = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tensors are small, and on a shared, busy machine OpenMP threads
-    spin-waiting on each other made a 10 ms pair take 1.7 s. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TableScorer:
