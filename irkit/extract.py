@@ -272,8 +272,6 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":  # `torchrun --nproc-per-node N -m irkit.extract ARGS` (see irkit.shard)
-    import sys
-
     from irkit.shard import main
 
     sys.exit(main())

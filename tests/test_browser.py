@@ -6,7 +6,6 @@ tests/artifacts/serve_browser.png. Skips when /usr/bin/chromium or playwright is
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

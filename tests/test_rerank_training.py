@@ -87,7 +87,7 @@ def test_loss_decreases_on_fixed_batch(trained):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
 
 

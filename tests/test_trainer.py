@@ -16,7 +16,7 @@ from irkit.errors import ConfigError
 from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, get_preset, register_preset
 from irkit.nn.pooling import GeM
-from irkit.train.trainer import Trainer, load_trained, make_config, train
+from irkit.train.trainer import Trainer, load_trained, make_config
 
 
 class TinyNet(GlobalModel):

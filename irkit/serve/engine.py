@@ -346,7 +346,7 @@ class Engine:
             query_image = self.image_of(qrow)
         if box is not None:
             query_image = crop_bbx(query_image, box)
-        return self.reranker.explain(query_image, self.image_of(row), self)
+        return self.reranker.explain(query_image, self.image_of(row))
 
     def stats(self) -> dict[str, Any]:
         meta = self.store.meta

@@ -10,7 +10,6 @@ cache is dropped whenever rows are renumbered (a removal).
 """
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from typing import Any
@@ -65,9 +64,9 @@ class Reranker:
             p = self._scorer.score(query_map, np.asarray(rows, dtype=np.int64))
         return np.asarray(global_scores, np.float64) + self.lam * np.asarray(p, np.float64)
 
-    def explain(self, query_img: np.ndarray, db_img: np.ndarray, engine: Any) -> bytes:
+    def explain(self, query_img: np.ndarray, db_img: np.ndarray) -> bytes:
         """PNG of the two images with their strongest CVNet correspondences."""
-        from irkit.serve.explain import explain_png
+        from irkit.search.explain import explain_png
 
         with self._lock:
-            return explain_png(self.model, query_img, db_img, engine.scales)
+            return explain_png(self.model, query_img, db_img)
