@@ -29,7 +29,7 @@ def photos(tmp_path_factory):
 def _cfg(photos, out, *extra):
     return R.make_rerank_config([
         f"out_dir={out}", "model.preset=effnetlite0-cvnet", "data.kind=photos", f"data.path={photos}",
-        "data.views_per_photo=3", "data.view_size=[64,64]", "data.source_side=128", "data.val_classes=1",
+        "data.views_per_photo=3", "data.view_size=[96,96]", "data.source_side=128", "data.val_classes=1",
         "batch_pairs=4", "steps=4", "log_every=1", "val_every=2", "ckpt_every=2", "mining.num_hard=2",
         "mining.remine_every=2", "progress=false", *extra])
 
@@ -113,8 +113,8 @@ def test_hard_negative_mining_picks_most_similar_non_matching():
     assert all((bank.labels[q] == bank.labels[k]) == bool(y) and q != k for q, k, y in zip(qs, ks, lab))
 
 
-def test_curriculum_applied(photos, tmp_path):
-    cfg = _cfg(photos, tmp_path, "steps=10",
+def test_curriculum_applied(photos, trained):
+    cfg = _cfg(photos, trained[0], "steps=10",    # same data: reuses the cached map bank
                "curriculum.hard_negative_share.start_value=0.0", "curriculum.hard_negative_share.end_value=1.0",
                "curriculum.hide_prob.start_value=0.0", "curriculum.hide_prob.end_value=0.5",
                "curriculum.hide_prob.start_step=2", "curriculum.hide_prob.end_step=6")

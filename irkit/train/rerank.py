@@ -55,7 +55,7 @@ from tqdm import tqdm
 from irkit.config import apply_overrides, from_dict, load_yaml, merge_dicts, to_dict
 from irkit.errors import CheckpointError, ConfigError, DatasetError
 from irkit.train.curriculum import RerankCurriculum, Schedule
-from irkit.utils import atomic_path, atomic_write_json
+from irkit.utils import atomic_path, atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class RerankConfig:
     pos_fraction: float = 0.5
     seed: int = 0
     threads: int = 0                    # torch CPU threads (0 = leave as is)
-    device: str = "cpu"
+    device: str = "cpu"                 # cpu | cuda | auto
     log_every: int = 10
     val_every: int = 250
     ckpt_every: int = 250
@@ -473,7 +473,7 @@ class RerankTrainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.model = prepare_model(cfg, self.device)
         self.reranker = self.model.reranker
         self.curriculum = curriculum(cfg)
@@ -672,7 +672,7 @@ class RerankTrainer:
             window.append(row)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                avg = {k: float(np.nanmean([r[k] for r in window])) if k != "step" else row[k] for k in row}
+                avg = {k: _finite_mean([r[k] for r in window]) if k != "step" else row[k] for k in row}
                 avg["elapsed_s"] = round(time.time() - t0, 1)
                 _append_csv(self.out / "metrics.csv", avg)
                 bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['acc']:.2f}", hard=f"{avg['hard_share']:.2f}")
@@ -699,6 +699,12 @@ class RerankTrainer:
                 "seconds": round(time.time() - t0, 1), "checkpoint": str(path),
                 "model": str(self.out / "model.safetensors"), "validation": last_val,
                 "train_sources": sorted(set(self.bank.names))}
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (nan when there are none, e.g. no hard negative in a window)."""
+    v = [x for x in values if math.isfinite(x)]
+    return float(sum(v) / len(v)) if v else float("nan")
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
