@@ -1,13 +1,15 @@
 """Extraction throughput: irkit's extraction vs a plain eager loop, measured in the same run.
 
-    python bench/extract.py [--images 24] [--quick]
+    python bench/extract.py [--images 24] [--quick] [--onnx]
 
 For each model (effnetlite2-gem at max side 448 with its real ImageNet weights when installed,
 resnet50-gem at 1024 px with random weights), both paths extract the same generated JPEGs at the
 same scales (0.7071, 1, 1.4142): the plain loop decodes, resizes and runs the network one image and
 one scale at a time (batch 1); irkit uses `extract_to_store` (threaded decoding, BatchNorm folded,
 channels-last, same-shape batching). It prints images/s, the ratio, the max descriptor difference,
-and the GFLOP/s reached against this machine's matmul peak measured here.
+and the GFLOP/s reached against this machine's matmul peak measured here. ``--onnx`` adds
+onnxruntime fp32 and int8 rows for effnetlite2-gem (bench/extract_onnx.py; `--minidev` there adds
+the int8 mAP change).
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="6 images per model (smoke run)")
+    ap.add_argument("--onnx", action="store_true", help="add onnxruntime fp32/int8 rows for effnetlite2-gem")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n = 6 if args.quick else args.images
@@ -105,8 +108,13 @@ def main() -> int:
         tmp = Path(tmp)
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
-        rows.append(bench("effnetlite2-gem@448", build_model("effnetlite2-gem"), make_images(tmp / "a", n, (800, 600)),
-                          tmp, peak))
+        effnet, effnet_paths = build_model("effnetlite2-gem"), make_images(tmp / "a", n, (800, 600))
+        rows.append(bench("effnetlite2-gem@448", effnet, effnet_paths, tmp, peak))
+        onnx = []
+        if args.onnx:
+            from extract_onnx import onnx_rows
+
+            onnx = onnx_rows(effnet, effnet_paths, tmp, rows[0]["plain_img_s"])
         torch.manual_seed(0)
         rows.append(bench("resnet50-gem@1024", build_model("resnet50-gem"), make_images(tmp / "b", n, (1024, 768)),
                           tmp, peak))
@@ -117,6 +125,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['model']:22s} {r['plain_img_s']:11.2f} {r['irkit_img_s']:11.2f} {r['ratio']:6.2f} "
               f"{r['gflops_irkit']:8.1f} {100 * r['gflops_irkit'] / r['peak']:6.1f}% {r['max_diff']:10.2e}")
+    if onnx:
+        from extract_onnx import print_rows
+
+        print_rows(onnx)
     return 0
 
 

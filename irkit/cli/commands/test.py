@@ -3,18 +3,23 @@ command form (yacs ``KEY VALUE`` pairs, or ``key=value``), printing the E/M/H ta
 from __future__ import annotations
 
 import argparse
-import ast
 from dataclasses import dataclass, field
 
+from irkit.config import CVNET_TEST_ALIASES, apply_overrides
 from irkit.errors import ConfigError
 
 
 @dataclass
-class CVNetTestConfig:
-    """The keys of CVNet's test config that irkit honours (names as in the published code)."""
-
+class TestModel:
     depth: int = 50
     reduction_dim: int = 2048
+
+
+@dataclass
+class CVNetTestConfig:
+    """The keys of CVNet's test config that irkit honours (yacs names: see CVNET_TEST_ALIASES)."""
+
+    model: TestModel = field(default_factory=TestModel)
     weights: str | None = None
     data_dir: str | None = None
     datasets: list[str] = field(default_factory=lambda: ["roxford5k", "rparis6k"])
@@ -22,51 +27,15 @@ class CVNetTestConfig:
     topk: list[int] = field(default_factory=lambda: [100])
 
 
-KEYS = {"MODEL.DEPTH": "depth", "MODEL.HEADS.REDUCTION_DIM": "reduction_dim", "TEST.WEIGHTS": "weights",
-        "TEST.DATA_DIR": "data_dir", "TEST.DATASET_LIST": "datasets", "TEST.SCALE_LIST": "scales",
-        "TEST.TOPK_LIST": "topk"}
-
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string such as a path
-
-
 def parse_overrides(tokens: list[str]) -> CVNetTestConfig:
     """``["MODEL.DEPTH", "50", "TEST.WEIGHTS=x.pyth"]`` -> config; unknown keys are refused."""
-    cfg = CVNetTestConfig()
-    pairs: list[tuple[str, str]] = []
-    it = iter(tokens)
-    for tok in it:
-        if "=" in tok and not tok.startswith("-"):
-            key, _, val = tok.partition("=")
-        else:
-            key = tok
-            val = next(it, None)
-            if val is None:
-                raise ConfigError(f"{key} has no value (use KEY VALUE pairs, e.g. MODEL.DEPTH 50)")
-        pairs.append((key, val))
-    for key, val in pairs:
-        attr = KEYS.get(key.upper())
-        if attr is None:
-            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(KEYS)}")
-        value = _value(val)
-        if attr in ("datasets", "scales", "topk"):
-            value = list(value) if isinstance(value, (list, tuple)) else [value]
-        setattr(cfg, attr, value)
-    if cfg.depth not in (50, 101):
-        raise ConfigError(f"MODEL.DEPTH must be 50 or 101, got {cfg.depth}")
-    if cfg.reduction_dim != 2048:
+    cfg = apply_overrides(CVNetTestConfig(), tokens, CVNET_TEST_ALIASES)
+    if cfg.model.depth not in (50, 101):
+        raise ConfigError(f"MODEL.DEPTH must be 50 or 101, got {cfg.model.depth}")
+    if cfg.model.reduction_dim != 2048:
         raise ConfigError("MODEL.HEADS.REDUCTION_DIM: the published CVNet models use 2048")
     if not cfg.data_dir:
         raise ConfigError("TEST.DATA_DIR is required (the folder holding roxford5k/, rparis6k/)")
-    try:
-        cfg.scales = [float(s) for s in cfg.scales]
-        cfg.topk = [int(k) for k in cfg.topk]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"TEST.SCALE_LIST / TEST.TOPK_LIST must be lists of numbers ({exc})") from exc
     return cfg
 
 
@@ -87,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from irkit.pipeline import evaluate_dataset
 
     cfg = parse_overrides(getattr(args, "overrides", []))
-    model = build_model(f"cvnet-r{cfg.depth}", weights=cfg.weights, device=args.device)
+    model = build_model(f"cvnet-r{cfg.model.depth}", weights=cfg.weights, device=args.device)
     for name in cfg.datasets:
         rerank = _reranker(model, cfg, args)
         run_ = evaluate_dataset(cfg.data_dir, name, model, cfg.scales, cache_dir=args.cache_dir,
