@@ -12,7 +12,7 @@ from torch import nn
 from irkit.cli import main
 from irkit.errors import ConfigError
 from irkit.extract import Item, embed_arrays, extract_to_store, reduce_scales
-from irkit.io.images import InputSpec, resize_scale, to_tensor
+from irkit.io.images import resize_scale, to_tensor
 from irkit.nn.fuse import fold_batchnorm, optimize_for_inference
 from tiny_model import _tiny
 
