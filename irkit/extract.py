@@ -169,7 +169,8 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
 
     scales = check_scales(scales, model)
     if with_maps and not model.has_rerank_map:
-        raise ConfigError(f"model {model.preset_name} has no re-ranking feature map")
+        raise ConfigError(f"model {model.preset_name} has no re-ranking feature map; CVNet re-ranking needs "
+                          "a model with a re-ranker (cvnet-r50, cvnet-r101, effnetlite2-cvnet)")
     map_index = _scale_one_index(scales) if with_maps else None
     store = FeatureStore.open_or_create(store_dir, model=model.preset_name,
                                         config=model_config(model, scales, with_maps),

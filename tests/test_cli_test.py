@@ -64,3 +64,26 @@ def test_overrides_accept_both_forms_and_refuse_unknown_keys() -> None:
 def test_missing_data_dir_is_a_clean_error(capsys) -> None:
     assert main(["test", "MODEL.DEPTH", "50"]) == 1
     assert "TEST.DATA_DIR is required" in capsys.readouterr().err
+
+
+def test_eval_dataset_mode_with_spatial_rerank_and_report(tmp_path: Path, capsys) -> None:
+    """`irkit eval --dataset … --rerank spatial --rerank-mode protocol --report` end to end (tiny model)."""
+    import json
+
+    import tiny_model
+
+    data = _tiny_dataset(tmp_path / "data")
+    base = ["eval", "--dataset", "tiny", "--data-dir", str(data), "--model", tiny_model.NAME,
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    assert main(base) == 0
+    glob = json.loads(capsys.readouterr().out)
+    assert main(base + ["--rerank", "spatial", "--topk", "3", "--rerank-mode", "protocol",
+                        "--report", str(tmp_path / "r.html")]) == 0
+    reranked = json.loads(capsys.readouterr().out)
+    assert set(reranked) == {"easy", "medium", "hard"} and all(0 <= reranked[p]["map"] <= 100 for p in reranked)
+    assert (tmp_path / "r.html").is_file() and "q0" in (tmp_path / "r.html").read_text()
+    # lambda 0 leaves the global ranking as it was
+    assert main(base + ["--rerank", "spatial", "--lambda", "0"]) == 0
+    assert json.loads(capsys.readouterr().out) == glob
+    assert main(base + ["--rerank", "cvnet"]) == 1
+    assert "no re-ranking feature map" in capsys.readouterr().err
