@@ -33,13 +33,11 @@ positives/negatives, ROC AUC).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from irkit.config import apply_overrides, from_dict, load_yaml, merge_dicts, to_dict
-from irkit.errors import CheckpointError, ConfigError, DatasetError
+from irkit.errors import ConfigError, DatasetError
+from irkit.train.checkpointing import append_csv, latest_checkpoint, truncate_csv, write_checkpoint
 from irkit.train.curriculum import RerankCurriculum, Schedule
 from irkit.utils import atomic_path, atomic_write_json, resolve_device
 
@@ -600,40 +599,24 @@ class RerankTrainer:
                 "train_sources": photos, "config": to_dict(self.cfg)}
 
     def save_checkpoint(self) -> Path:
-        """``checkpoints/step_N`` (temp dir + rename), ``latest.json``, exported ``model.safetensors``."""
+        """``checkpoints/step_N``, ``latest.json`` and the exported ``model.safetensors`` (written and
+        published by irkit.train.checkpointing)."""
         from irkit.models.checkpoints import save_irkit_checkpoint
 
-        final = self.ckpt_root / f"step_{self.step:07d}"
-        tmp = self.ckpt_root / f".tmp_step_{self.step:07d}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_irkit_checkpoint(self.model, self.export_config(), tmp / "model.safetensors")
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, tmp / "train_state.pt")
-        atomic_write_json(tmp / "config.json", to_dict(self.cfg))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_json(self.out / "latest.json", {"step": self.step, "path": final.name})
-        for name in ("model.safetensors", "model.json"):
-            with atomic_path(self.out / name) as t:
-                shutil.copyfile(final / name, t)
-        for old in sorted(self.ckpt_root.glob("step_*"))[:-max(1, self.cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s", final)
-        return final
+        with write_checkpoint(self.out, self.step, self.cfg.keep_checkpoints) as tmp:
+            save_irkit_checkpoint(self.model, self.export_config(), tmp / "model.safetensors")
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, tmp / "train_state.pt")
+            atomic_write_json(tmp / "config.json", to_dict(self.cfg))
+        return self.ckpt_root / f"step_{self.step:07d}"
 
     def load_checkpoint(self) -> bool:
         """Restore the newest checkpoint of ``out_dir`` (re-ranker, optimiser, scheduler, step)."""
         from irkit.models.checkpoints import read_checkpoint
 
-        latest = self.out / "latest.json"
-        if not latest.is_file():
+        folder = latest_checkpoint(self.out)
+        if folder is None:
             return False
-        folder = self.ckpt_root / json.loads(latest.read_text())["path"]
-        if not folder.is_dir():
-            raise CheckpointError(f"{latest} names {folder}, which is missing; delete latest.json to restart")
         saved = json.loads((folder / "config.json").read_text())
         if saved.get("recipe") != RECIPE or saved.get("model", {}).get("preset") != self.cfg.model.preset:
             raise ConfigError(f"{self.out} holds a run of {saved.get('recipe')!r}/{saved.get('model', {}).get('preset')!r}; "
@@ -646,7 +629,7 @@ class RerankTrainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step = int(extra["step"])
         for name in ("metrics.csv", "val.csv"):
-            _truncate_csv(self.out / name, self.step)
+            truncate_csv(self.out / name, self.step)
         log.info("resumed %s at step %d", folder, self.step)
         return True
 
@@ -674,13 +657,13 @@ class RerankTrainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 avg = {k: _finite_mean([r[k] for r in window]) if k != "step" else row[k] for k in row}
                 avg["elapsed_s"] = round(time.time() - t0, 1)
-                _append_csv(self.out / "metrics.csv", avg)
+                append_csv(self.out / "metrics.csv", avg)
                 bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['acc']:.2f}", hard=f"{avg['hard_share']:.2f}")
                 window.clear()
             if cfg.val_every and self.step % cfg.val_every == 0:
                 last_val = self.validate()
                 if last_val:
-                    _append_csv(self.out / "val.csv", last_val)
+                    append_csv(self.out / "val.csv", last_val)
                     log.info("step %d validation: %s", self.step, {k: round(v, 4) for k, v in last_val.items()})
             if cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60:
                 log.warning("max_minutes=%s reached at step %d; stopping with a checkpoint", cfg.max_minutes, self.step)
@@ -692,7 +675,7 @@ class RerankTrainer:
         if last_val is None or last_val["step"] != self.step:
             last_val = self.validate()
             if last_val:
-                _append_csv(self.out / "val.csv", last_val)
+                append_csv(self.out / "val.csv", last_val)
         path = self.save_checkpoint()
         return {"recipe": RECIPE, "steps": self.step, "started_at": start, "stopped_early": stopped_early,
                 "bank_views": len(self.bank), "bank_seconds": round(bank_s, 1),
@@ -705,32 +688,6 @@ def _finite_mean(values: Sequence[float]) -> float:
     """Mean of the finite values (nan when there are none, e.g. no hard negative in a window)."""
     v = [x for x in values if math.isfinite(x)]
     return float(sum(v) / len(v)) if v else float("nan")
-
-
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    header = None
-    if path.is_file():
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=header or list(row), extrasaction="ignore")
-        if not header:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (the interrupted part of a resumed run)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerows(kept)
 
 
 def train_rerank(overrides: Sequence[str] = (), resume: bool = False,

@@ -19,13 +19,11 @@ optional user YAML plus ``key=value`` / ``KEY VALUE`` overrides (:func:`make_con
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,8 @@ from tqdm import tqdm
 
 from irkit.config import apply_overrides, from_dict, load_yaml, merge_dicts, to_dict
 from irkit.errors import CheckpointError, ConfigError
-from irkit.utils import atomic_path, atomic_write_json, resolve_device
+from irkit.train.checkpointing import append_csv, latest_checkpoint, truncate_csv, write_checkpoint
+from irkit.utils import atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -384,48 +383,29 @@ class Trainer:
                 **self.recipe.export_config()}
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically (temp dir + rename), update ``latest.json``, export
-        the inference model to ``out_dir/model.safetensors``, prune old checkpoints."""
+        """Write ``checkpoints/step_N`` atomically, update ``latest.json``, export the inference model
+        to ``out_dir/model.safetensors``, prune old checkpoints (irkit.train.checkpointing)."""
         from safetensors.torch import save_file
 
         from irkit.models.checkpoints import save_irkit_checkpoint
 
-        final = self.ckpt_root / f"step_{self.step:07d}"
-        tmp = self.ckpt_root / f".tmp_step_{self.step:07d}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_irkit_checkpoint(self.recipe.export(), self.export_config(), tmp / "model.safetensors")
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.recipe.state_dict().items()}
-        save_file(state, str(tmp / "train.safetensors"))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "rng": _rng_state()}, tmp / "train_state.pt")
-        atomic_write_json(tmp / "config.json", to_dict(self.cfg))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_json(self.out / "latest.json", {"step": self.step, "path": final.name})
-        for name in ("model.safetensors", "model.json"):
-            with atomic_path(self.out / name) as t:
-                shutil.copyfile(final / name, t)
-        old = sorted(self.ckpt_root.glob("step_*"))[:-max(1, self.cfg.keep_checkpoints)]
-        for d in old:
-            shutil.rmtree(d, ignore_errors=True)
-        log.info("checkpoint %s", final)
-        return final
+        with write_checkpoint(self.out, self.step, self.cfg.keep_checkpoints) as tmp:
+            save_irkit_checkpoint(self.recipe.export(), self.export_config(), tmp / "model.safetensors")
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in self.recipe.state_dict().items()}
+            save_file(state, str(tmp / "train.safetensors"))
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                        "rng": _rng_state()}, tmp / "train_state.pt")
+            atomic_write_json(tmp / "config.json", to_dict(self.cfg))
+        return self.ckpt_root / f"step_{self.step:07d}"
 
     def load_checkpoint(self) -> bool:
         """Restore the newest checkpoint of ``out_dir``; False when there is none."""
         from safetensors.torch import load_file
 
-        latest = self.out / "latest.json"
-        if not latest.is_file():
+        folder = latest_checkpoint(self.out)
+        if folder is None:
             return False
-        info = json.loads(latest.read_text())
-        folder = self.ckpt_root / info["path"]
-        if not folder.is_dir():
-            raise CheckpointError(f"{latest} names {folder}, which is missing; delete latest.json to restart")
         saved_recipe = json.loads((folder / "config.json").read_text()).get("recipe")
         if saved_recipe != self.cfg.recipe:
             raise ConfigError(f"{self.out} holds a {saved_recipe!r} run; cannot resume it as {self.cfg.recipe!r}")
@@ -445,30 +425,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- metrics
     def _log_csv(self, name: str, row: dict[str, Any]) -> None:
-        path = self.out / name
-        header = None
-        if path.is_file():
-            with open(path, newline="") as fh:
-                header = next(csv.reader(fh), None)
-        with open(path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header or list(row), extrasaction="ignore")
-            if not header:
-                writer.writeheader()
-            writer.writerow(row)
-
-    def _truncate_csv(self, name: str, step: int) -> None:
-        """Drop rows logged after ``step`` (they belong to the interrupted part of a resumed run)."""
-        path = self.out / name
-        if not path.is_file():
-            return
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            return
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
-        with atomic_path(path) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                csv.writer(fh).writerows(kept)
+        append_csv(self.out / name, row)
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self) -> dict[str, float] | None:
@@ -497,8 +454,8 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose "
                               "another out_dir")
         if self.is_main:
-            self._truncate_csv("metrics.csv", self.step)
-            self._truncate_csv("eval.csv", self.step)
+            truncate_csv(self.out / "metrics.csv", self.step)
+            truncate_csv(self.out / "eval.csv", self.step)
             atomic_write_json(self.out / "config.json", to_dict(cfg))
         summary: dict[str, Any] = {"start_step": self.step}
         if self.is_main and cfg.eval.at_start and self.step == 0:
