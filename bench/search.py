@@ -180,6 +180,8 @@ def main() -> int:
     print(f"bench/search.py: {' '.join(sys.argv[1:]) or '(defaults)'}; faiss {faiss.__version__}, "
           f"{os.cpu_count()} CPUs", flush=True)
     tables = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for dim in (int(d) for d in args.dims.split(",")):
             tables.append((dim, run_dim(args, dim, Path(tmp))))
