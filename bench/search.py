@@ -115,6 +115,8 @@ def run_dim(args: argparse.Namespace, dim: int, workdir: Path) -> list[dict]:
             specs.append((f"IVF{nlist},Flat", "nprobe", args.nprobe))
         elif fam == "hnsw":
             specs.append(("HNSW32", "ef_search", args.ef))
+        elif fam == "ivfpq-refine":  # faiss re-scores k * k_factor PQ candidates exactly, in C++
+            specs.append((f"IVF{nlist},PQ{m},RFlat", "k_factor", args.k_factor))
     for factory, pname, values in specs:
         t0 = time.perf_counter()
         idx = Index.build(db, factory, train_size=args.train_size, progress=False)
@@ -123,7 +125,9 @@ def run_dim(args: argparse.Namespace, dim: int, workdir: Path) -> list[dict]:
             idx.attach(np.array(db))
         nbytes, rss = index_bytes(idx), rss_gib()
         print(f"{factory}: build {build:.1f}s, {nbytes / 2**20:.0f} MiB", flush=True)
-        rescore_modes = [False, True] if "PQ" in factory else [False]
+        if pname == "k_factor":
+            idx.set_params(nprobe=args.nprobe[0])
+        rescore_modes = [False, True] if "PQ" in factory and "RFlat" not in factory else [False]
         for v in values:
             idx.set_params(**{pname: v})
             for rescore in rescore_modes:
@@ -160,11 +164,14 @@ def main() -> int:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--centres", type=int, default=50_000)
     p.add_argument("--groups", type=int, default=1_000)
-    p.add_argument("--indexes", default="ivfpq,ivfflat", help="comma list of ivfpq, ivfflat, hnsw")
+    p.add_argument("--indexes", default="ivfpq,ivfpq-refine,ivfflat",
+                   help="comma list of ivfpq, ivfpq-refine (IVF-PQ + faiss exact refine), ivfflat, hnsw")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n), a power of 2)")
     p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default dim/8, 128 for 2048)")
     p.add_argument("--nprobe", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
     p.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=[64, 256])
+    p.add_argument("--k-factor", type=lambda s: [int(v) for v in s.split(",")], default=[4, 6],
+                   help="ivfpq-refine: candidates re-scored = k * k_factor (nprobe = the first --nprobe)")
     p.add_argument("--rescore-k", type=int, default=1000)
     p.add_argument("--rescore-in-ram", action="store_true",
                    help="re-score from an in-RAM copy of the vectors instead of the memory map "

@@ -181,3 +181,24 @@ def test_cli_index(store, tmp_path):
     assert idx.factory == "IVF16,Flat" and idx.nprobe == 3 and idx.meta["dba"] == {"k": 2, "alpha": None}
     with pytest.raises(ConfigError, match="DBA"):
         idx.search(store.descriptors()[:2], 5, rescore=True)
+
+
+def test_refine_index_k_factor_is_settable_and_raises_recall():
+    """`IVF…,PQ…,RFlat`: faiss re-scores k * k_factor PQ candidates exactly; more is never worse here."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = Index.build(x, "Flat", progress=False).search(x[:60], 10)[1]
+    idx = Index.build(x, "IVF16,PQ4,RFlat", progress=False)
+    idx.set_params(nprobe=8, k_factor=1)
+    assert idx.nprobe == 8 and idx._param("k_factor") == 1
+
+    def recall() -> float:
+        got = idx.search(x[:60], 10)[1]
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+
+    low = recall()
+    idx.set_params(k_factor=16)
+    assert recall() > low + 0.1
+    with pytest.raises(ConfigError, match="k_factor"):
+        Index.build(x, "IVF16,Flat", progress=False).set_params(k_factor=4)

@@ -194,14 +194,18 @@ class Index:
                 return int(sub.nprobe)
             if name == "efSearch" and isinstance(sub, faiss.IndexHNSW):
                 return int(sub.hnsw.efSearch)
+            if name == "k_factor" and isinstance(sub, faiss.IndexRefine):
+                return int(sub.k_factor)
         return None
 
     def _sub_indexes(self) -> list[faiss.Index]:
-        idx = faiss.downcast_index(self.faiss_index)
-        out = [idx]
-        if isinstance(idx, faiss.IndexPreTransform):
-            out.append(faiss.downcast_index(idx.index))
-        return out
+        out = [faiss.downcast_index(self.faiss_index)]
+        while True:  # unwrap pre-transforms (OPQ) and exact refinement (",RFlat") to the inner index
+            inner = out[-1].index if isinstance(out[-1], faiss.IndexPreTransform) else (
+                out[-1].base_index if isinstance(out[-1], faiss.IndexRefine) else None)
+            if inner is None:
+                return out
+            out.append(faiss.downcast_index(inner))
 
     @property
     def nprobe(self) -> int | None:
@@ -221,17 +225,26 @@ class Index:
     def ef_search(self, value: int) -> None:
         self.set_params(ef_search=value)
 
-    def set_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Set search-time parameters; ConfigError when the index type has no such parameter."""
-        ps = faiss.ParameterSpace()
-        for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+    def set_params(self, *, nprobe: int | None = None, ef_search: int | None = None,
+                   k_factor: int | None = None) -> None:
+        """Set search-time parameters; ConfigError when the index type has no such parameter.
+
+        ``k_factor`` applies to indexes with faiss's exact refinement (factory suffix ``,RFlat``):
+        ``k * k_factor`` candidates are re-scored exactly inside faiss."""
+        for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor", k_factor)):
             if value is None:
                 continue
             if int(value) <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
             if self._param(name) is None:
                 raise ConfigError(f"{name} does not apply to a {self.factory!r} index")
-            ps.set_index_parameter(self.faiss_index, name, int(value))
+            for sub in self._sub_indexes():
+                if name == "nprobe" and isinstance(sub, faiss.IndexIVF):
+                    sub.nprobe = int(value)
+                elif name == "efSearch" and isinstance(sub, faiss.IndexHNSW):
+                    sub.hnsw.efSearch = int(value)
+                elif name == "k_factor" and isinstance(sub, faiss.IndexRefine):
+                    sub.k_factor = float(value)
 
     # ------------------------------------------------------------------ search
     def attach(self, vectors: Any) -> None:
