@@ -53,26 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from irkit.eval.revisitop import format_table
     from irkit.models.registry import build_model
-    from irkit.pipeline import evaluate_dataset
+    from irkit.pipeline import evaluate_dataset, rerank_results
 
     cfg = parse_overrides(getattr(args, "overrides", []))
     model = build_model(f"cvnet-r{cfg.model.depth}", weights=cfg.weights, device=args.device)
     for name in cfg.datasets:
-        rerank = _reranker(model, cfg, args)
-        run_ = evaluate_dataset(cfg.data_dir, name, model, cfg.scales, cache_dir=args.cache_dir,
-                                with_maps=rerank is not None)
+        run_ = evaluate_dataset(cfg.data_dir, name, model, cfg.scales, cache_dir=args.cache_dir, with_maps=True)
         print(f">> {name}: global retrieval (scales {cfg.scales})")
         print(format_table(run_.results))
-        if rerank is not None:
-            for k in cfg.topk:
-                results, _ = rerank(run_, k)
-                print(f">> {name}: re-ranked top {k} ({args.rerank_mode} candidates)")
-                print(format_table(results))
+        for k in cfg.topk:
+            results, _ = rerank_results(run_, model, k, mode=args.rerank_mode, method="cvnet")
+            print(f">> {name}: re-ranked top {k} ({args.rerank_mode} candidates)")
+            print(format_table(results))
     return 0
-
-
-def _reranker(model, cfg: CVNetTestConfig, args: argparse.Namespace):
-    """A function (run, k) -> results re-ranking with the model's CVNet head, or None without one."""
-    from irkit.pipeline import rerank_results
-
-    return lambda run_, k: rerank_results(run_, model, k, mode=args.rerank_mode, method="cvnet")
