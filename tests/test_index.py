@@ -202,3 +202,34 @@ def test_refine_index_k_factor_is_settable_and_raises_recall():
     assert recall() > low + 0.1
     with pytest.raises(ConfigError, match="k_factor"):
         Index.build(x, "IVF16,Flat", progress=False).set_params(k_factor=4)
+
+
+def test_pq_adds_are_split_to_bound_faiss_temporaries(monkeypatch):
+    """faiss PQ-encodes an add through an [n, M, 256] float table (16-D sub-vectors): irkit splits adds
+    so that table stays under ADD_TEMP_BYTES, and the split changes nothing in the index."""
+    import faiss
+
+    import irkit.search.index as index_mod
+
+    big = Index(Index.create(2048, "IVF4,PQ128,RFlat"), "IVF4,PQ128,RFlat")
+    per_row = 4 * 2048 + 4 * 128 * 256
+    assert big.add_batch_rows() == index_mod.ADD_TEMP_BYTES // per_row  # 1,927 rows: 256 MiB, not 8 GiB
+
+    x = clustered(3000, 64, 30, 0.5, seed=4)
+    monkeypatch.setattr(index_mod, "ADD_TEMP_BYTES", 700 * (4 * 64 + 4 * 8 * 256))  # 700-row adds
+    idx = Index.build(x, "IVF8,PQ8", train_size=3000, progress=False)
+    assert idx.add_batch_rows() == 700
+    whole = faiss.clone_index(idx.faiss_index)  # same training, refilled in one add (no split)
+    whole.reset()
+    whole.add(np.concatenate([x, x[:1500]]))
+    calls = []
+    original_add = idx.faiss_index.add
+    monkeypatch.setattr(idx.faiss_index, "add", lambda v: (calls.append(len(v)), original_add(v))[1])
+    idx.add(x[:1500])
+    assert calls == [700, 700, 100]
+
+    whole = Index(whole, "IVF8,PQ8")
+    idx.set_params(nprobe=8)
+    whole.set_params(nprobe=8)
+    assert idx.ntotal == whole.ntotal == 4500
+    np.testing.assert_array_equal(idx.search(x[:40], 20)[1], whole.search(x[:40], 20)[1])

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INDEX_NAME = "index.faiss"
 ADD_BATCH = 65536
+ADD_TEMP_BYTES = 256 * 2**20  # bound on faiss's per-add temporaries (see Index.add_batch_rows)
 
 
 def _faiss_msg(exc: Exception) -> str:
@@ -134,7 +135,7 @@ class Index:
             self.train(descriptors, train_size=train_size, seed=seed)
         for _, block in tqdm(_iter_blocks(descriptors, batch_size), total=-(-n // batch_size),
                              desc=f"index {factory}", unit="batch", disable=not progress or n <= batch_size):
-            index.add(np.ascontiguousarray(block, dtype=np.float32))
+            self._add_rows(block)
         self.set_params(nprobe=nprobe, ef_search=ef_search)
         self._vectors = descriptors
         log.info("built %s index of %d vectors (dim %d) in %.1fs", factory, n, dim, time.perf_counter() - t0)
@@ -171,7 +172,27 @@ class Index:
         if not self.faiss_index.is_trained:
             raise StoreError(f"index {self.factory!r} is not trained; build it with Index.build")
         for s in range(0, x.shape[0], batch_size):
-            self.faiss_index.add(np.ascontiguousarray(x[s:s + batch_size], dtype=np.float32))
+            self._add_rows(x[s:s + batch_size])
+
+    def add_batch_rows(self) -> int:
+        """Rows per faiss ``add`` call that keep faiss's temporaries under ``ADD_TEMP_BYTES``.
+
+        Why: faiss PQ-encodes a batch through an [n, M, ksub] float distance table when the
+        sub-vectors have >= 16 dims (2048-D with PQ128: 128 KiB per row, 8 GiB for 65,536 rows),
+        which alone exhausted this machine's memory when indexing 1M x 2048-D."""
+        per_row = 4 * self.dim
+        subs = self._sub_indexes()
+        subs += [faiss.downcast_index(s.refine_index) for s in subs if isinstance(s, faiss.IndexRefine)]
+        for sub in subs:
+            pq = getattr(sub, "pq", None)
+            if isinstance(pq, faiss.ProductQuantizer):
+                per_row += 4 * int(pq.M) * int(pq.ksub)
+        return max(1, ADD_TEMP_BYTES // per_row)
+
+    def _add_rows(self, x: np.ndarray) -> None:
+        step = self.add_batch_rows()
+        for s in range(0, x.shape[0], step):
+            self.faiss_index.add(np.ascontiguousarray(x[s:s + step], dtype=np.float32))
 
     # ------------------------------------------------------------------ properties / parameters
     @property
