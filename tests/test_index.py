@@ -88,6 +88,27 @@ def test_pq_rescore_improves_recall(data):
     assert np.all(np.diff(s, axis=1) <= 1e-6)
 
 
+def test_in_place_and_gathered_rescore_give_the_exact_top_k_of_the_candidates(data, store, tmp_path):
+    """The faiss path (array/memmap) and the numpy path (store) against brute force on their vectors."""
+    x, q = data
+    np.save(tmp_path / "x.npy", x)
+    rng = np.random.default_rng(5)
+    cand = np.stack([rng.choice(len(x), 40, replace=False) for _ in range(len(q))])
+    cand[3, 25:] = -1  # faiss pads missing candidates at the end
+    cand[4, :] = -1
+    idx = Index.build(x[:10])
+    for vectors, exact in ((np.load(tmp_path / "x.npy", mmap_mode="r"), x), (store, store.take(np.arange(6000)))):
+        idx._vectors = vectors
+        s, r = idx._rescore(q, cand, 30)
+        for i in range(len(q)):
+            valid = cand[i][cand[i] >= 0]
+            want = np.sort(exact[valid] @ q[i])[::-1][:30]
+            n = len(want)
+            np.testing.assert_allclose(s[i, :n], want, atol=1e-5)
+            np.testing.assert_allclose(exact[r[i, :n]] @ q[i], s[i, :n], atol=1e-5)
+            assert set(r[i, :n]) <= set(valid) and (r[i, n:] == -1).all() and np.isneginf(s[i, n:]).all()
+
+
 def test_missing_results_are_minus_one(data):
     x, q = data
     idx = Index.build(x[:7])

@@ -82,6 +82,25 @@ def _dim_of(vectors: Any) -> int:
     return int(vectors.dim) if hasattr(vectors, "iter_descriptors") else int(vectors.shape[1])
 
 
+def _rescore_in_place(q: np.ndarray, vecs: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss ``knn_inner_products_by_idx`` over [nq, c] candidate rows of ``vecs`` (-1 rows trail, as
+    faiss pads them). The leading dimension is passed explicitly: faiss 1.15's default (-1)
+    mis-strides every query after the first."""
+    nq, c = cand.shape
+    kk = min(k, c)
+    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    scores = np.empty((nq, kk), dtype=np.float32)
+    rows = np.empty((nq, kk), dtype=np.int64)
+    faiss.knn_inner_products_by_idx(faiss.swig_ptr(q), faiss.swig_ptr(vecs), faiss.swig_ptr(cand), q.shape[1],
+                                    nq, vecs.shape[0], c, kk, faiss.swig_ptr(scores), faiss.swig_ptr(rows), c)
+    missing = rows < 0
+    scores[missing] = -np.inf
+    if kk < k:
+        scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+        rows = np.pad(rows, ((0, 0), (0, k - kk)), constant_values=-1)
+    return scores, rows
+
+
 def default_train_size(index: faiss.Index, n: int) -> int:
     """Enough points for k-means (about 64 per IVF list, faiss warns under 39) and PQ (>= 256·64)."""
     want = 65536
@@ -309,8 +328,15 @@ class Index:
         return scores, rows
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of each query's candidates, one query at a time (a few MB in cache, no big gather)."""
-        take = _rows_source(self._vectors)
+        """Exact scores of each query's candidates, best k first.
+
+        A float32 C-contiguous array or memmap is scored in place by faiss (C++, all threads, no
+        gather); anything else (a FeatureStore) one query at a time (a few MB in cache)."""
+        vecs = self._vectors
+        if (isinstance(vecs, np.ndarray) and vecs.dtype == np.float32 and vecs.flags.c_contiguous
+                and vecs.ndim == 2):
+            return _rescore_in_place(q, vecs, cand, k)
+        take = _rows_source(vecs)
         exact = np.full(cand.shape, -np.inf, dtype=np.float32)
         for i in range(cand.shape[0]):
             valid = np.flatnonzero(cand[i] >= 0)
