@@ -49,6 +49,21 @@ def test_search_ranks_the_image_itself_first_and_matches_brute_force(store_dir: 
     assert reranked[0]["id"] == "scene2_1" and reranked[0]["score"] >= reranked[0]["global"]
 
 
+def test_rescore_makes_a_quantised_index_exact(store_dir: Path, capsys) -> None:
+    engine = SearchEngine.open(store_dir, factory="SQ4")  # 4-bit scalar quantiser: lossy scores
+    query = store_dir.parent / "imgs" / "scene1_0.png"
+    q = engine.embed(np.asarray(Image.open(query).convert("RGB")))
+    brute = engine.store.descriptors() @ q
+    approx = engine.search_file(query, k=8)
+    assert max(abs(h["score"] - brute[engine.store.ids.index(h["id"])]) for h in approx) > 1e-3
+    exact = engine.search_file(query, k=8, rescore=8)
+    assert [h["id"] for h in exact] == [engine.store.ids[i] for i in np.argsort(-brute, kind="stable")]
+    np.testing.assert_allclose([h["score"] for h in exact], np.sort(brute)[::-1], atol=1e-5)
+    assert main(["search", str(query), "--store", str(store_dir), "--factory", "SQ4", "--rescore", "8", "--k",
+                 "2", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)[0]["results"]] == [h["id"] for h in exact[:2]]
+
+
 def test_search_refuses_a_model_other_than_the_one_that_built_the_store(store_dir: Path, tmp_path: Path) -> None:
     other = _tiny()
     other.weights_id = "something-else"

@@ -81,8 +81,11 @@ class SearchEngine:
 
     def search(self, img: np.ndarray, k: int = 100, *, box: Sequence[float] | None = None, qe: str = "none",
                qe_k: int = 2, qe_alpha: float = 3.0, rerank: str = "none", topk: int = 100,
-               lam: float = 0.5) -> list[dict[str, Any]]:
-        """Ranked hits ``{"id", "path", "score", "global"}`` for one query image."""
+               lam: float = 0.5, rescore: int = 0) -> list[dict[str, Any]]:
+        """Ranked hits ``{"id", "path", "score", "global"}`` for one query image.
+
+        ``rescore`` > 0: an approximate (e.g. IVF-PQ) index returns that many candidates, re-scored
+        exactly with the store's descriptors (recovers the quantisation loss; no effect on Flat)."""
         from irkit.search import qe as qe_mod
 
         if box is not None:
@@ -92,7 +95,7 @@ class SearchEngine:
             db = self.store.descriptors()
             q = qe_mod.aqe(q, db, qe_k) if qe == "aqe" else qe_mod.alpha_qe(q, db, qe_k, qe_alpha)
         depth = min(max(k, topk if rerank != "none" else 0), len(self.store))
-        scores, rows = self.index.search(q, depth)
+        scores, rows = self.index.search(q, depth, rescore=rescore > 0, rescore_k=rescore)
         keep = rows[0] >= 0
         scores, rows = scores[0][keep], rows[0][keep]
         final = scores.astype(np.float64)

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights of the store's model preset (must be those the store was built with)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--factory", default="Flat", help="faiss index factory (default Flat = exact)")
+    p.add_argument("--rescore", type=int, default=0, metavar="N",
+                   help="re-score the approximate index's top N exactly from the store (default 0 = off)")
     p.add_argument("--qe", choices=["none", "aqe", "alpha"], default="none", help="query expansion")
     p.add_argument("--qe-k", type=int, default=2)
     p.add_argument("--qe-alpha", type=float, default=3.0)
@@ -32,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise ConfigError(f"--k must be positive, got {args.k}")
+    if args.rescore < 0:
+        raise ConfigError(f"--rescore must be >= 0, got {args.rescore}")
     engine = SearchEngine.open(args.store, weights=args.weights, device=args.device, factory=args.factory)
     out = []
     for path in args.images:
         hits = engine.search_file(path, k=args.k, qe=args.qe, qe_k=args.qe_k, qe_alpha=args.qe_alpha,
-                                  rerank=args.rerank, topk=args.topk, lam=args.lam)
+                                  rerank=args.rerank, topk=args.topk, lam=args.lam, rescore=args.rescore)
         out.append({"query": path, "results": hits})
     if args.json:
         print(json.dumps(out, indent=1))
