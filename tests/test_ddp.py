@@ -87,6 +87,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
                     "s": mada.last_s, "m": mada.last_m, "xg": xg.detach(), "xg_grad": xg.grad,
                     "world": D.world_size(), "rank": D.rank(),
                     "worker_s": time.perf_counter() - t0}, os.path.join(out_dir, f"rank{r}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer's last collective is in flight (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -593,6 +593,9 @@ def train(recipe: str, overrides: Sequence[str] = (), resume: bool = False,
 
     cfg = make_config(recipe, overrides, config_file)
     try:
-        return Trainer(cfg, on_step=on_step).fit(resume=resume)
-    finally:
+        summary = Trainer(cfg, on_step=on_step).fit(resume=resume)
+    except BaseException:
         D.cleanup()
+        raise
+    D.cleanup(barrier=True)
+    return summary
