@@ -60,7 +60,8 @@ def _cfg(recipe: str, out: Path, scenes: Path, *extra: str):
 
 
 @pytest.mark.parametrize("recipe,extra", [
-    ("cvnet-global", []), ("cfcd", ["loss.stage2_step=1"]), ("rmac-triplet", ["model.regions=grid"]),
+    ("cvnet-global", []), ("cfcd", ["loss.stage2_step=1"]),
+    ("cfcd", ["loss.stage2_step=1", "loss.cfcd_negatives=in-batch"]), ("rmac-triplet", ["model.regions=grid"]),
     ("rmac-triplet", ["model.regions=proposals", "model.proposals_top_n=3"]), ("gem-contrastive", []),
     ("joint", []),
 ])
@@ -101,7 +102,8 @@ class _Kill(Exception):
 @pytest.mark.parametrize("recipe", ["cvnet-global", "cfcd"])
 def test_resume_after_interruption_is_exact(tmp_path, scenes, recipe):
     """Kill after step 3 (last checkpoint at step 2), resume, finish: same state as one straight run."""
-    extra = ["steps=5", "ckpt_every=2", "loss.stage2_step=2", "data.workers=0"]
+    # cfcd: stage 2 starts at step 1, the resume at step 2 must reuse the persisted stage-1 predictions
+    extra = ["steps=5", "ckpt_every=2", "loss.stage2_step=1", "data.workers=0"]
     ref = Trainer(_cfg(recipe, tmp_path / "ref", scenes, *extra))
     ref.fit()
 
@@ -126,6 +128,72 @@ def test_resume_after_interruption_is_exact(tmp_path, scenes, recipe):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[k][name])), (k, name)
     steps = [int(r.split(",")[0]) for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]      # the interrupted step 3 is logged once
+
+
+def test_cfcd_stage1_predictions_are_the_classifier_argmax(tmp_path, scenes):
+    """When stage 2 starts, every training image's prediction = argmax cos(descriptor, MadaCos weight)."""
+    cfg = _cfg("cfcd", tmp_path, scenes, "steps=2", "loss.stage2_step=1", "loss.local_negatives=3")
+    ref = {}
+
+    def predict_independently(trainer, step):
+        if step != 1:
+            return
+        r = trainer.recipe
+        r.eval()
+        with torch.no_grad():
+            for i in range(len(trainer.labels)):
+                d = F.normalize(r.model(trainer.dataset[(i, cfg.seed, 0)][0][None]), dim=1)
+                ref[i] = int((d @ F.normalize(r.cls.weight, dim=1).T).argmax())
+        trainer._train_mode()
+
+    trainer = Trainer(cfg, on_step=predict_independently)
+    trainer.fit()
+    assert trainer.recipe.stage1_pred.tolist() == [ref[i] for i in range(len(trainer.labels))]
+    # a resumed run takes them from the checkpoint rather than predicting again with later weights
+    resumed = Trainer(_cfg("cfcd", tmp_path, scenes, "steps=3", "loss.stage2_step=1", "loss.local_negatives=3"))
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("stage-1 predictions recomputed on resume")
+
+    resumed.recipe.predict_classes = must_not_run
+    assert resumed.fit(resume=True)["start_step"] == 2
+    assert resumed.recipe.stage1_pred.tolist() == trainer.recipe.stage1_pred.tolist()
+
+
+def test_cfcd_refuses_an_unknown_negative_mode(tmp_path, scenes):
+    with pytest.raises(ConfigError, match="cfcd_negatives"):
+        Trainer(_cfg("cfcd", tmp_path, scenes, "loss.cfcd_negatives=hardest"))
+
+
+def test_cfcd_negatives_are_the_images_the_classifier_confused(tmp_path, scenes):
+    cfg = _cfg("cfcd", tmp_path, scenes, "steps=3", "loss.stage2_step=0", "loss.local_negatives=3")
+    trainer = Trainer(cfg)
+    labels = torch.as_tensor(trainer.labels)
+    assert labels.tolist() == list(range(6))            # label-free scenes: one class per photo
+    # images 1, 2 were called class 0; images 3, 4, 5 class 2; nothing was called class 1
+    trainer.recipe.stage1_pred = torch.tensor([0, 0, 0, 2, 2, 2])
+    seen = []
+    original = trainer.recipe._confusion_negative_maps
+
+    def spy(classes, device):
+        rows, maps = original(classes, device)
+        seen.append((classes, rows))
+        assert maps.shape[:2] == (len(classes), 3)
+        return rows, maps
+
+    trainer.recipe._confusion_negative_maps = spy
+    summary = trainer.fit()
+    assert np.isfinite(summary["loss"]) and len(seen) == 3
+    checked = set()
+    for classes, rows in seen:
+        for c, row in zip(classes, rows.tolist()):
+            assert c not in row and len(set(row)) == 3   # other classes, no repeats
+            if c == 2:
+                assert set(row) == {3, 4, 5}
+            elif c == 0:
+                assert {1, 2} <= set(row)                # both confused images, then one random
+            checked.add(c)
+    assert {0, 2} <= checked
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, scenes):

@@ -115,6 +115,10 @@ class Recipe(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def before_step(self, trainer: Any) -> None:
+        """Called before every forward with the trainer (data-dependent set-up: CFCD's stage-1
+        predictions over the training set)."""
+
     def after_step(self) -> None:
         """Called after every optimiser step (EMA updates)."""
 
@@ -205,16 +209,92 @@ def local_triplet_loss(fa: Tensor, fp: Tensor, negatives: Tensor, ratio: float =
 class CFCDRecipe(Recipe):
     """MadaCos(a) on the descriptor; from step ``loss.stage2_step`` (>= 0) on, + ``local_weight`` x
     the local triplet of :func:`local_triplet_loss` over tuples (anchor, positive, ``local_negatives``
-    hardest in-batch negatives by global similarity; CFCD's classifier-confusion sampler needs a
-    stage-1 classifier over the whole set, which :class:`irkit.train.miners.ConfusionNegativeSampler`
-    offers for a separate mining pass)."""
+    negatives).
+
+    Negatives (``loss.cfcd_negatives``): ``confusion`` (CFCD, the default) — when stage 2 starts,
+    the stage-1 classifier predicts the class of every training image (argmax cosine to the
+    MadaCos weights; kept in the ``stage1_pred`` buffer so a resumed run uses the same ones), and
+    an anchor of class c gets images of other classes predicted as c
+    (:class:`irkit.train.miners.ConfusionNegativeSampler`, random other-class images when too few),
+    loaded from the training set and run through the model with the batch; ``in-batch`` — the
+    hardest other-class images of the batch by global similarity (no extra images, cheaper)."""
+
+    NEGATIVE_MODES = ("confusion", "in-batch")
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
         from irkit.train.losses import MadaCos
 
+        if cfg.loss.cfcd_negatives not in self.NEGATIVE_MODES:
+            raise ConfigError(f"loss.cfcd_negatives={cfg.loss.cfcd_negatives!r}: use one of {self.NEGATIVE_MODES}")
         self.cls = MadaCos(model.dim, num_classes, a=cfg.loss.madacos_a)
         self.tap = FeatureTap(model, cfg.model.feature_module)
+        self.register_buffer("stage1_pred", torch.empty(0, dtype=torch.long))
+        self._negatives: Any = None      # ConfusionNegativeSampler, built in stage 2
+        self._dataset: Any = None
+        self._class_rep: dict[int, int] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "stage1_pred"
+        if key in state_dict:  # its length is the training set's, known only once predicted
+            self.stage1_pred = torch.empty_like(state_dict[key], device=self.stage1_pred.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def before_step(self, trainer: Any) -> None:
+        if self.stage() != 2 or self.cfg.loss.cfcd_negatives != "confusion" or self._negatives is not None:
+            return
+        from irkit.train.miners import ConfusionNegativeSampler
+
+        labels = torch.as_tensor(trainer.labels, dtype=torch.long)
+        if self.stage1_pred.numel() == 0:
+            self.stage1_pred = self.predict_classes(trainer.dataset, len(labels), trainer.cfg.data.batch_size)
+            trainer._train_mode()
+            log.info("cfcd stage 2: stage-1 classifier accuracy on the training set %.3f",
+                     float((self.stage1_pred.cpu() == labels).float().mean()))
+        k = min(self.cfg.loss.local_negatives, len(labels) - int(labels.bincount().max()))
+        if k < 1:
+            raise ConfigError("cfcd confusion negatives need at least two classes in the training set")
+        if k < self.cfg.loss.local_negatives:
+            log.warning("cfcd: only %d images outside the largest class; %d negatives per tuple instead of %d",
+                        k, k, self.cfg.loss.local_negatives)
+        self._negatives = ConfusionNegativeSampler(labels, predictions=self.stage1_pred.cpu(), num_negatives=k,
+                                                   seed=self.cfg.seed)
+        self._dataset = trainer.dataset
+        self._class_rep = {}
+        for i, c in enumerate(labels.tolist()):
+            self._class_rep.setdefault(c, i)
+
+    @torch.no_grad()
+    def predict_classes(self, dataset: Any, n: int, batch_size: int) -> Tensor:
+        """[n] stage-1 predicted class of every training image (its deterministic slot-0 view):
+        argmax of cos(descriptor, MadaCos weight). Ranks split the images and gather."""
+        from irkit.train import distributed as D
+
+        was_training = self.training
+        self.eval()
+        r, w = D.rank(), D.world_size()
+        lo, hi = r * n // w, (r + 1) * n // w
+        weight = F.normalize(self.cls.weight, dim=1)
+        preds = [torch.empty(0, dtype=torch.long, device=weight.device)]
+        for s in range(lo, hi, batch_size):
+            x = torch.stack([dataset[(i, self.cfg.seed, 0)][0] for i in range(s, min(s + batch_size, hi))])
+            preds.append((F.normalize(self.model(x.to(weight.device)), dim=1) @ weight.T).argmax(1))
+        self.train(was_training)
+        return D.all_gather_nograd(torch.cat(preds))  # contiguous shards in rank order = image order
+
+    def _confusion_negative_maps(self, classes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Sampled negative image rows [A, K] for anchors of ``classes`` and their conv maps [A, K, C, h, w]."""
+        import numpy as np
+
+        from irkit.train import distributed as D
+
+        self._negatives.set_epoch(self.step * D.world_size() + D.rank())  # reproducible, resumable
+        rows = self._negatives.sample(torch.tensor([self._class_rep[c] for c in classes]))
+        images = [self._dataset[(j, int(np.random.SeedSequence([self.cfg.seed, self.step, a, k]).generate_state(1)[0]), 1)][0]
+                  for a, row in enumerate(rows.tolist()) for k, j in enumerate(row)]
+        self.model(torch.stack(images).to(device))
+        maps = self.tap.take()
+        return rows, maps.reshape(rows.shape[0], rows.shape[1], *maps.shape[1:])
 
     def stage(self) -> int:
         s2 = self.cfg.loss.stage2_step
@@ -236,18 +316,23 @@ class CFCDRecipe(Recipe):
 
     def _local(self, desc: Tensor, fmap: Tensor, y: Tensor) -> tuple[Tensor, int]:
         L = self.cfg.loss
-        sim = desc @ desc.T
-        terms, total = [], 0
+        pairs = []
         for i in range(len(y)):
             pos = torch.nonzero((y == y[i]) & (torch.arange(len(y), device=y.device) > i)).squeeze(1)
-            if pos.numel() == 0:
-                continue
-            neg_mask = y != y[i]
-            if not neg_mask.any():
-                continue
-            k = min(L.local_negatives, int(neg_mask.sum()))
-            negs = sim[i].masked_fill(~neg_mask, float("-inf")).topk(k).indices
-            loss, n = local_triplet_loss(fmap[i], fmap[int(pos[0])], fmap[negs], L.ratio, L.top_frac, L.local_margin)
+            if pos.numel() and (self._negatives is not None or bool((y != y[i]).any())):
+                pairs.append((i, int(pos[0])))
+        if self._negatives is not None and pairs:
+            _, neg_maps = self._confusion_negative_maps([int(y[i]) for i, _ in pairs], fmap.device)
+        sim = desc @ desc.T
+        terms, total = [], 0
+        for a, (i, p) in enumerate(pairs):
+            if self._negatives is not None:
+                negs = neg_maps[a]
+            else:
+                neg_mask = y != y[i]
+                k = min(L.local_negatives, int(neg_mask.sum()))
+                negs = fmap[sim[i].masked_fill(~neg_mask, float("-inf")).topk(k).indices]
+            loss, n = local_triplet_loss(fmap[i], fmap[p], negs, L.ratio, L.top_frac, L.local_margin)
             terms.append(loss)
             total += n
         if not terms:

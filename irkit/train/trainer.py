@@ -108,6 +108,7 @@ class LossConfig:
     stage2_step: int = -1           # cfcd: step at which the local triplet joins (-1 = stage 1 only)
     local_weight: float = 1.0
     local_negatives: int = 6
+    cfcd_negatives: str = "confusion"  # cfcd: "confusion" (stage-1 classifier's mistakes) or "in-batch"
     local_margin: float = 0.1
     ratio: float = 0.9
     top_frac: float = 0.5
@@ -469,6 +470,7 @@ class Trainer:
         for batch in self._loader(self.step):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.recipe.step = self.step
+            self.recipe.before_step(self)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 loss, logs = self.module(batch)
             if not torch.isfinite(loss):
