@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,11 +115,11 @@ class Recipe(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
         raise NotImplementedError
 
-    @torch.no_grad()
     def before_step(self, trainer: Any) -> None:
         """Called before every forward with the trainer (data-dependent set-up: CFCD's stage-1
         predictions over the training set)."""
 
+    @torch.no_grad()
     def after_step(self) -> None:
         """Called after every optimiser step (EMA updates)."""
 
@@ -284,13 +285,14 @@ class CFCDRecipe(Recipe):
 
     def _confusion_negative_maps(self, classes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Sampled negative image rows [A, K] for anchors of ``classes`` and their conv maps [A, K, C, h, w]."""
-        import numpy as np
-
         from irkit.train import distributed as D
 
         self._negatives.set_epoch(self.step * D.world_size() + D.rank())  # reproducible, resumable
         rows = self._negatives.sample(torch.tensor([self._class_rep[c] for c in classes]))
-        images = [self._dataset[(j, int(np.random.SeedSequence([self.cfg.seed, self.step, a, k]).generate_state(1)[0]), 1)][0]
+        def view_seed(a: int, k: int) -> int:
+            return int(np.random.SeedSequence([self.cfg.seed, self.step, a, k]).generate_state(1)[0])
+
+        images = [self._dataset[(j, view_seed(a, k), 1)][0]
                   for a, row in enumerate(rows.tolist()) for k, j in enumerate(row)]
         self.model(torch.stack(images).to(device))
         maps = self.tap.take()
