@@ -325,7 +325,8 @@ class CFCDRecipe(Recipe):
                 pairs.append((i, int(pos[0])))
         if self._negatives is not None and pairs:
             _, neg_maps = self._confusion_negative_maps([int(y[i]) for i, _ in pairs], fmap.device)
-        sim = desc @ desc.T
+        else:
+            sim = desc @ desc.T
         terms, total = [], 0
         for a, (i, p) in enumerate(pairs):
             if self._negatives is not None:
