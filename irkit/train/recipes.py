@@ -289,6 +289,7 @@ class CFCDRecipe(Recipe):
 
         self._negatives.set_epoch(self.step * D.world_size() + D.rank())  # reproducible, resumable
         rows = self._negatives.sample(torch.tensor([self._class_rep[c] for c in classes]))
+
         def view_seed(a: int, k: int) -> int:
             return int(np.random.SeedSequence([self.cfg.seed, self.step, a, k]).generate_state(1)[0])
 
@@ -323,23 +324,22 @@ class CFCDRecipe(Recipe):
             pos = torch.nonzero((y == y[i]) & (torch.arange(len(y), device=y.device) > i)).squeeze(1)
             if pos.numel() and (self._negatives is not None or bool((y != y[i]).any())):
                 pairs.append((i, int(pos[0])))
-        if self._negatives is not None and pairs:
-            _, neg_maps = self._confusion_negative_maps([int(y[i]) for i, _ in pairs], fmap.device)
+        if not pairs:
+            return fmap.sum() * 0.0, 0
+        if self._negatives is not None:
+            negatives = list(self._confusion_negative_maps([int(y[i]) for i, _ in pairs], fmap.device)[1])
         else:
             sim = desc @ desc.T
+            negatives = []
+            for i, _ in pairs:
+                other = y != y[i]
+                k = min(L.local_negatives, int(other.sum()))
+                negatives.append(fmap[sim[i].masked_fill(~other, float("-inf")).topk(k).indices])
         terms, total = [], 0
-        for a, (i, p) in enumerate(pairs):
-            if self._negatives is not None:
-                negs = neg_maps[a]
-            else:
-                neg_mask = y != y[i]
-                k = min(L.local_negatives, int(neg_mask.sum()))
-                negs = fmap[sim[i].masked_fill(~neg_mask, float("-inf")).topk(k).indices]
+        for (i, p), negs in zip(pairs, negatives):
             loss, n = local_triplet_loss(fmap[i], fmap[p], negs, L.ratio, L.top_frac, L.local_margin)
             terms.append(loss)
             total += n
-        if not terms:
-            return fmap.sum() * 0.0, 0
         return torch.stack(terms).mean(), total
 
 
