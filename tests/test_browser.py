@@ -97,7 +97,7 @@ def test_search_page_end_to_end(live_server):
             expect(page.locator("#results li")).to_have_count(10, timeout=20000)
             first_thumb = page.locator("#results li img").first
             expect(first_thumb).to_have_attribute("src", "/images/img004/thumbnail")
-            page.wait_for_function("document.querySelector('#results li img').naturalWidth > 0")
+            page.wait_for_function("() => document.querySelector('#results li img').naturalWidth > 0")
             assert page.locator("#results li .score").first.inner_text().strip()
             # draw a crop box on the query
             box = page.locator("#overlay").bounding_box()
@@ -114,7 +114,7 @@ def test_search_page_end_to_end(live_server):
             page.locator("#results li").first.click()
             expect(page.locator("#modal")).to_be_visible()
             expect(page.locator("#explain-image")).to_be_visible(timeout=20000)
-            page.wait_for_function("document.querySelector('#explain-image').naturalWidth > 0")
+            page.wait_for_function("() => document.querySelector('#explain-image').naturalWidth > 0")
             shot = artifacts / "serve_browser.png"
             page.screenshot(path=str(shot), full_page=True)
             shutil.copy(shot, tmp / "serve_browser.png")
