@@ -3,12 +3,21 @@
 Thin by design (DESIGN.md: the HTTP service is a layer over library functions): routes parse and
 check the request, run model work in the bounded inference pool, and turn every user mistake into
 a 4xx ``{"error": "..."}``. The bearer token guards every write. See ``docs`` at ``/docs``.
+
+Under load, model work waits in one FIFO queue with a deadline (503 + ``Retry-After`` only past
+it); request bodies are read by pure ASGI middleware with a size limit and a deadline, so slow or
+vanishing clients cost no traceback and no inference slot. A store directory the server cannot
+write is served read-only (searches work; adds/removals get 403), and a full disk during an add
+is a 507 that changes nothing.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from irkit.errors import IrkitError
 from irkit.models.base import GlobalModel
-from irkit.serve.concurrency import InferencePool
+from irkit.serve.concurrency import ClientGone, InferencePool
 from irkit.serve.engine import Engine, Limits, Query, thumbnail_url
-from irkit.serve.errors import BadRequest, PayloadTooLarge, status_of
+from irkit.serve.errors import BadRequest, Busy, Forbidden, PayloadTooLarge, status_of, storage_error
 from irkit.serve.requests import as_bool, as_box, as_int, as_str
-from irkit.serve.safety import BodyLimitMiddleware, check_id, check_token, decode_upload
+from irkit.serve.safety import (BodyLimitMiddleware, SecurityHeadersMiddleware, check_id, check_token,
+                                decode_upload)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +45,12 @@ MAX_FORM_FIELDS = 200
 
 _ERROR = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
-_ERRORS = {400: {"description": "bad request", **_ERROR}, 413: {"description": "too large", **_ERROR},
-           415: {"description": "not an image", **_ERROR}, 503: {"description": "busy", **_ERROR}}
+_ERRORS = {400: {"description": "bad request", **_ERROR}, 408: {"description": "body too slow", **_ERROR},
+           413: {"description": "too large", **_ERROR}, 415: {"description": "not an image", **_ERROR},
+           503: {"description": "busy: queue full or queue deadline passed; see Retry-After", **_ERROR}}
+_WRITE_ERRORS = {**_ERRORS, 401: {"description": "token", **_ERROR},
+                 403: {"description": "store is read-only", **_ERROR},
+                 507: {"description": "disk full; nothing changed", **_ERROR}}
 _SEARCH_BODY = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "string", "format": "binary", "description": "query image (or give id)"},
@@ -60,13 +74,15 @@ _EXPLAIN_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {
 
 def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, token: str | None = None, *,
                weights: str | Path | None = None, device: str = "cpu", limits: Limits | None = None,
-               workers: int = 2, queue: int = 16, index_factory: str = "Flat") -> FastAPI:
+               workers: int = 2, queue: int = 128, queue_timeout: float = 5.0, body_timeout: float = 30.0,
+               index_factory: str = "Flat") -> FastAPI:
     """The service over the feature store at ``store_dir``.
 
     ``model``: a loaded GlobalModel, a preset name, or None for the preset the store records
     (``weights`` then loads that preset's checkpoint). ``token``: bearer token required by writes
-    (None = read-only server). ``workers``/``queue``: inference threads and how many more requests
-    may wait before 503."""
+    (None = read-only server). ``workers``/``queue``/``queue_timeout``: inference threads, how many
+    more requests may wait for one (FIFO) and for how long before 503. ``body_timeout``: seconds a
+    client has to deliver its request body (else 408)."""
     limits = limits or Limits()
     if not isinstance(model, GlobalModel):
         from irkit.models.registry import build_model
@@ -74,8 +90,12 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
 
         name = model or FeatureStore.open(store_dir).meta.get("model")
         model = build_model(name, weights=weights, device=device)
+    read_only = _unwritable(Path(store_dir))
+    if read_only:
+        log.warning("store %s is read-only (%s): serving searches only; adds and removals are refused",
+                    store_dir, read_only)
     engine = Engine(store_dir, model, limits, index_factory=index_factory)
-    pool = InferencePool(workers, queue)
+    pool = InferencePool(workers, queue, queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -87,17 +107,15 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
                               "thumbnails and CVNet match explanations. Errors are JSON `{\"error\": ...}`.")
     app.state.engine = engine
     app.state.pool = pool
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout=body_timeout)
+    app.add_middleware(SecurityHeadersMiddleware)   # outermost: 408/413 answers get it too
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        if request.url.path in ("/", "/index.html"):
-            response.headers["Content-Security-Policy"] = (
-                "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'")
-        return response
+    def check_writable(request: Request) -> None:
+        check_token(token, request.headers.get("authorization"))
+        if read_only:
+            raise Forbidden(f"this server's store directory is read-only ({read_only}): adds and removals are "
+                            "disabled; searches work")
 
     # -------------------------------------------------------------------- page + meta
     @app.get("/", include_in_schema=False)
@@ -114,9 +132,9 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
     @app.get("/stats", tags=["meta"])
     def stats() -> dict[str, Any]:
         """Store, model, index and request counters."""
-        return {**engine.stats(), "pool": {"workers": pool.workers, "queue": pool.queue,
-                                           "pending": pool.pending, "rejected": pool.rejected},
-                "limits": vars(limits), "writes_enabled": token is not None}
+        return {**engine.stats(), "pool": pool.stats(), "limits": vars(limits),
+                "body_timeout_s": body_timeout, "read_only": bool(read_only), "read_only_reason": read_only,
+                "writes_enabled": token is not None and not read_only}
 
     # -------------------------------------------------------------------- search
     @app.post("/search", tags=["search"], responses=_ERRORS, openapi_extra=_SEARCH_BODY)
@@ -143,16 +161,16 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
                 query.image = decode_upload(data, upload[0], limits.max_pixels)[0]
             return engine.search(query).as_dict()
 
-        result = await pool.run(job)
+        result = await pool.run(job, gone=_disconnected(request))
         result["query"] = {"id": image_id, "box": query.box, "k": query.k}
         return result
 
     # -------------------------------------------------------------------- writes
     @app.post("/images", tags=["images"], status_code=201, openapi_extra=_ADD_BODY,
-              responses={**_ERRORS, 401: {"description": "token", **_ERROR}, 409: {"description": "id taken", **_ERROR}})
+              responses={**_WRITE_ERRORS, 409: {"description": "id taken", **_ERROR}})
     async def add_images(request: Request) -> dict[str, Any]:
         """Add images (multipart files ``images``, optional ``ids``); needs ``Authorization: Bearer``."""
-        check_token(token, request.headers.get("authorization"))
+        check_writable(request)
         fields, files = await _read_body(request, form_only=True)
         uploads = [f for name in FILE_FIELDS for f in files.get(name, [])]
         if not uploads:
@@ -171,14 +189,14 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
                 decoded.append((image_id, data, pixels, fmt))
             return engine.add(decoded)
 
-        added = await pool.run(job)
+        added = await pool.run(job, gone=_disconnected(request))
         return {"added": [{"id": i, "thumbnail": thumbnail_url(i)} for i in added], "images": len(engine)}
 
     @app.delete("/images/{image_id:path}", tags=["images"],
-                responses={**_ERRORS, 401: {"description": "token", **_ERROR}, 404: {"description": "unknown", **_ERROR}})
+                responses={**_WRITE_ERRORS, 404: {"description": "unknown", **_ERROR}})
     def delete_image(image_id: str, request: Request) -> dict[str, Any]:
         """Remove an image from the index (and its uploaded file, if this server stored it)."""
-        check_token(token, request.headers.get("authorization"))
+        check_writable(request)
         check_id(image_id)
         engine.remove(image_id)
         return {"removed": image_id, "images": len(engine)}
@@ -194,14 +212,15 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
 
     @app.get("/images/{image_id:path}/explain", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 501: {"description": "no re-ranker", **_ERROR}})
-    async def explain_get(image_id: str, query: str | None = None, box: str | None = None) -> Response:
+    async def explain_get(image_id: str, request: Request, query: str | None = None,
+                          box: str | None = None) -> Response:
         """Picture of the CVNet correspondences between the indexed image ``query`` and ``image_id``."""
         check_id(image_id)
         if query is None:
             raise BadRequest("give the query image id as ?query=<id> (or POST an image to this URL)")
         check_id(query, "query")
         qbox = as_box(box)
-        png = await pool.run(engine.explain, image_id, query, None, qbox)
+        png = await pool.run(engine.explain, image_id, query, None, qbox, gone=_disconnected(request))
         return Response(png, media_type="image/png")
 
     @app.post("/images/{image_id:path}/explain", tags=["images"], response_class=Response,
@@ -223,12 +242,39 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
             pixels = decode_upload(upload[1], upload[0], limits.max_pixels)[0] if upload else None
             return engine.explain(image_id, qid if pixels is None else None, pixels, qbox)
 
-        return Response(await pool.run(job), media_type="image/png")
+        return Response(await pool.run(job, gone=_disconnected(request)), media_type="image/png")
 
     return app
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+def _unwritable(store_dir: Path) -> str | None:
+    """Why the server cannot write ``store_dir`` (None if it can): probed by creating a file.
+
+    A probe, not ``os.access``: root passes permission checks but not a read-only mount."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".irkit-write-probe-", dir=store_dir)
+    except OSError as exc:
+        return f"cannot create files in {store_dir}: {exc.strerror or exc}"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
+def _disconnected(request: Request):
+    """Awaitable factory that completes when the client of ``request`` disconnects (body already read)."""
+
+    async def gone() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+            await asyncio.sleep(0.05)   # a stray body message: keep watching without spinning
+
+    return gone
+
 
 async def _read_body(request: Request, form_only: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
     """(text fields, {field: [(filename, bytes)]}) of a multipart/urlencoded form or a JSON object."""
@@ -297,11 +343,34 @@ def _install_error_handlers(app: FastAPI) -> None:
     """Every error is JSON ``{"error": "..."}``; user mistakes are 4xx, only bugs are 500."""
 
     @app.exception_handler(IrkitError)
-    async def irkit_error(_request: Request, exc: IrkitError) -> JSONResponse:
+    async def irkit_error(request: Request, exc: IrkitError) -> JSONResponse:
+        translated = storage_error(exc)
+        if translated is not None:
+            return storage_response(request, exc, translated)
         status = status_of(exc)
-        if status >= 500 and status != 501 and status != 503:
+        if status >= 500 and status not in (501, 503, 507):
             log.error("server-side error: %s", exc)
-        return JSONResponse({"error": str(exc)}, status_code=status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+    def storage_response(request: Request, exc: BaseException, translated: IrkitError) -> JSONResponse:
+        status = status_of(translated)
+        log.error("%s %s failed: %s (%s)", request.method, request.url.path, translated, exc)
+        return JSONResponse({"error": str(translated)}, status_code=status)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        translated = storage_error(exc)
+        if translated is not None:
+            return storage_response(request, exc, translated)
+        log.error("%s %s failed with an I/O error", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal I/O error ({exc.strerror or type(exc).__name__}); see the server "
+                                      "log"}, status_code=500)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, _exc: ClientGone) -> Response:
+        log.info("%s %s: client disconnected while queued; dropped", request.method, request.url.path)
+        return Response(status_code=499)   # nobody reads it; the status marks it in any proxy log
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,6 +7,7 @@ before any parser sees them.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -102,21 +103,56 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         raise
 
 
-# ------------------------------------------------------------------------------- body size limit
+# ------------------------------------------------------------------ pure ASGI middleware
+# Both are plain ASGI callables, not ``BaseHTTPMiddleware``: that one runs the app in a separate
+# task and raises "No response returned" (a logged traceback) when a client disconnects early.
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
+#: the page's policy: only our own scripts/styles; thumbnails may be blob:/data: URLs
+PAGE_CSP = b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+PAGE_PATHS = ("/", "/index.html")
+
+
+class SecurityHeadersMiddleware:
+    """Add ``X-Content-Type-Options: nosniff`` to every response, and the CSP to the web page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_page = scope.get("path") in PAGE_PATHS
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if not (is_page and k.lower() == b"content-security-policy")]
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                if is_page:
+                    headers.append((b"content-security-policy", PAGE_CSP))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with a 413 JSON error before the app parses them.
+    """Read the whole request body, within ``max_bytes`` and ``timeout`` seconds, before the app sees it.
 
-    A declared Content-Length over the limit is refused without reading; a chunked body is read
-    (at most ``max_bytes`` + one chunk) and then replayed to the app. Multipart parsing therefore
-    never sees more than the limit."""
+    A declared Content-Length over the limit is refused (413) without reading; a chunked body is
+    read up to the limit. A body that has not fully arrived ``timeout`` seconds after the request
+    started is refused with 408 and the connection closed, so a slow sender holds no more than its
+    connection for that long (never an inference slot: those are taken after the body is in). A
+    client that disconnects mid-body is dropped silently: there is nobody to answer."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = 30.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.timeout = timeout if timeout and timeout > 0 else None
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -134,12 +170,26 @@ class BodyLimitMiddleware:
                 await _json(send, 413, f"request body of {declared:,} bytes is over the limit of "
                                        f"{self.max_bytes:,} bytes")
                 return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout if self.timeout else None
         chunks: list[bytes] = []
         total = 0
         more = True
         while more:
-            message = await receive()
+            try:
+                if deadline is None:
+                    message = await receive()
+                else:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                log.info("%s %s: request body incomplete after %g s (%d bytes received); answered 408",
+                         scope.get("method"), scope.get("path"), self.timeout, total)
+                await _json(send, 408, f"the request body did not arrive within {self.timeout:g} s "
+                                       f"({total:,} bytes received); send it faster or in a smaller request")
+                return
             if message["type"] == "http.disconnect":
+                log.info("%s %s: client disconnected after %d bytes of the body", scope.get("method"),
+                         scope.get("path"), total)
                 return
             body = message.get("body", b"")
             total += len(body)
@@ -161,6 +211,7 @@ class BodyLimitMiddleware:
 
 
 async def _json(send, status: int, message: str) -> None:
+    """A complete JSON error response that also closes the connection (the body may be unread)."""
     body = json.dumps({"error": message}).encode("utf-8")
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
