@@ -19,8 +19,9 @@ Decisions (documented because they change descriptors):
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
+import torch
 from torch import Tensor
 
 from irkit.errors import ConfigError
@@ -30,6 +31,7 @@ from irkit.models.registry import Preset, register_preset
 from irkit.models.resnet_gem import backbone_to_irkit
 from irkit.nn.backbones.resnet import ResNet
 from irkit.nn.pooling import RMAC
+from irkit.nn.whitening import WhiteningParams
 
 __all__ = ["RMACNet", "RMAC_SCALES", "convert"]
 
@@ -61,6 +63,19 @@ class RMACNet(GlobalModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.backbone(x))
+
+    @torch.no_grad()
+    def init_region_whitening(self, images: Iterable[Tensor], shrinkage: float = 0.0) -> WhiteningParams:
+        """Initialise the per-region shift + FC as Gordo et al. and Tolias et al. do: regions of the
+        backbone maps of ``images`` (preprocessed batches [B, 3, H, W], as :meth:`forward` takes them;
+        images of another set than the one evaluated) pooled -> L2 -> PCA-whitening, loaded as the
+        shift (mean) and FC (projection). Returns the learned whitening."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.pool.init_whitening((self.backbone(x) for x in images), shrinkage=shrinkage)
+        finally:
+            self.train(was_training)
 
     def describe(self) -> dict:
         out = super().describe()

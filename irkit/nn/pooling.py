@@ -3,11 +3,14 @@ regional GeM and pooling over arbitrary box lists; functional and module forms."
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from irkit.errors import ConfigError
+from irkit.nn.whitening import WhiteningParams, learn_pca_whitening
 
 
 def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:
@@ -58,30 +61,48 @@ class SPoC(nn.Module):
 
 
 # --- regions (Tolias R-MAC grid, or any box list) -------------------------------------------------
+_RMAC_STEPS = (2, 3, 4, 5, 6, 7)  # candidate region counts along the longer side (level 1)
+
+
 def _long_side_extra(H: int, W: int, overlap: float) -> int:
-    """Extra regions along the longer side: level 1 places n in 2..7 squares of side min(H, W),
-    uniformly from border to border, picking the n whose overlap (w - b) / w, b = step between
-    starts, is closest to ``overlap``; the extra count n - 1 is kept at every level."""
+    """Extra regions along the longer side, as Tolias' ``rmac_regionvec_act.m`` chooses them.
+
+    With w = min(H, W), each candidate count n in 2..7 spaces level-1 squares of side w by
+    b = (max(H, W) - w) / (n - 1); the overlap error is |(w^2 - w*b) / w^2 - overlap|, evaluated in
+    that order in float64 (so exact ties resolve as in the reference), and the FIRST minimum wins.
+    The extra count n - 1 is kept at every level. 0 for square maps.
+    """
     if H == W:
         return 0
     w, long = min(H, W), max(H, W)
-    best_n, best_err = 2, float("inf")
-    for n in range(2, 8):
-        step = (long - w) / (n - 1)
-        err = abs((w - step) / w - overlap)
-        if err < best_err:
-            best_n, best_err = n, err
-    return best_n - 1
+    best_i, best_err = 0, math.inf
+    for i, n in enumerate(_RMAC_STEPS):
+        b = (long - w) / (n - 1)
+        err = abs((w ** 2 - w * b) / w ** 2 - overlap)
+        if err < best_err:  # strict: the first minimum is kept on ties
+            best_i, best_err = i, err
+    return best_i + 1
+
+
+def _grid_starts(length: int, side: int, n: int) -> list[int]:
+    """Starts of ``n`` squares of ``side`` along ``length``: floor(wl2 + k*b) - wl2 with
+    wl2 = floor(side/2 - 1) and b = (length - side) / (n - 1) in float64 (the reference's centre
+    arithmetic; it puts the last square's end on the border)."""
+    wl2 = (side - 2) // 2            # == floor(side / 2 - 1), exact in integers
+    b = (length - side) / (n - 1) if n > 1 else 0.0
+    return [math.floor(wl2 + k * b) - wl2 for k in range(n)]
 
 
 def rmac_regions(H: int, W: int, L: int = 3, overlap: float = 0.4, whole_image: bool = False) -> Tensor:
     """Boxes of the Tolias R-MAC grid on an H x W map: int64 [R, 4] as (x1, y1, x2, y2), end-exclusive.
 
-    Level l = 1..L has square regions of side floor(2 min(H, W) / (l + 1)); l regions along the
-    shorter side and l + m along the longer one (m from :func:`_long_side_extra`), uniformly spaced
-    from one border to the other (start k = floor(k * step)). ``whole_image`` prepends (0, 0, W, H)
-    (cirtorch's variant; Tolias' and Gordo's grids do not have it). Levels are listed coarse to
-    fine, row-major within a level.
+    Exactly the authors' ``rmac_regionvec_act.m``: level l = 1..L has square regions of side
+    wl = floor(2 min(H, W) / (l + 1)); a level with wl = 0 is skipped (a map with a side of 1 keeps
+    level 1 only); l regions along the shorter side and l + m along the longer one (m from
+    :func:`_long_side_extra`, overlap closest to ``overlap``); starts from :func:`_grid_starts`, so
+    the first region of a level starts at 0 and the last ends on the border. ``whole_image``
+    prepends (0, 0, W, H) (cirtorch's variant; Tolias' and Gordo's grids do not have it). Levels are
+    listed coarse to fine, row-major within a level.
     """
     if H < 1 or W < 1 or L < 0:
         raise ValueError(f"rmac_regions needs H, W >= 1 and L >= 0, got H={H}, W={W}, L={L}")
@@ -89,14 +110,12 @@ def rmac_regions(H: int, W: int, L: int = 3, overlap: float = 0.4, whole_image: 
     extra_w, extra_h = (extra, 0) if W > H else (0, extra)
     boxes: list[tuple[int, int, int, int]] = [(0, 0, W, H)] if whole_image else []
     for level in range(1, L + 1):
-        side = max(1, (2 * min(H, W)) // (level + 1))
-        starts = []
-        for length, n in ((H, level + extra_h), (W, level + extra_w)):
-            step = (length - side) / (n - 1) if n > 1 else 0.0
-            starts.append([int(math.floor(k * step)) for k in range(n)])
-        for y in starts[0]:
-            for x0 in starts[1]:
-                boxes.append((x0, y, x0 + side, y + side))
+        side = (2 * min(H, W)) // (level + 1)
+        if side == 0:
+            continue
+        ys = _grid_starts(H, side, level + extra_h)
+        xs = _grid_starts(W, side, level + extra_w)
+        boxes.extend((x0, y, x0 + side, y + side) for y in ys for x0 in xs)
     return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
 
 
@@ -178,14 +197,23 @@ class RegionProjection(nn.Module):
 class RMAC(nn.Module):
     """R-MAC (``kind="max"``) or regional GeM (``kind="gem"``) with an optional learnable projection.
 
-    ``dim`` given -> a :class:`RegionProjection` ``dim -> out_dim`` is applied per region.
+    ``dim`` given -> a :class:`RegionProjection` ``dim -> out_dim`` is applied per region (initialise
+    it from data with :meth:`init_whitening`, as Gordo et al. and Tolias et al. do). For
+    ``kind="gem"``, ``p`` is a parameter of shape [1], trainable unless ``learn_p=False`` (as in
+    :class:`GeM`); for "max"/"avg" it is an unused, non-persistent buffer.
     """
 
     def __init__(self, L: int = 3, overlap: float = 0.4, whole_image: bool = False, kind: str = "max",
-                 dim: int | None = None, out_dim: int | None = None, p: float = 3.0, eps: float = 1e-6) -> None:
+                 dim: int | None = None, out_dim: int | None = None, p: float = 3.0, eps: float = 1e-6,
+                 learn_p: bool = True) -> None:
         super().__init__()
+        if kind not in ("max", "avg", "gem"):
+            raise ConfigError(f"RMAC kind must be 'max', 'avg' or 'gem', got {kind!r}")
         self.L, self.overlap, self.whole_image, self.kind, self.eps = L, overlap, whole_image, kind, eps
-        self.register_buffer("p", torch.ones(1) * p, persistent=False)
+        if kind == "gem" and learn_p:
+            self.p = nn.Parameter(torch.ones(1) * p)
+        else:
+            self.register_buffer("p", torch.ones(1) * p, persistent=False)
         self.proj = RegionProjection(dim, out_dim) if dim else None
 
     def regions(self, H: int, W: int) -> Tensor:
@@ -197,5 +225,46 @@ class RMAC(nn.Module):
             boxes = self.regions(x.size(-2), x.size(-1))
         return regional_descriptor(x, boxes, self.kind, self.proj, self.p, self.eps)
 
+    @torch.no_grad()
+    def init_whitening(self, maps: Iterable[Tensor], shrinkage: float = 0.0) -> WhiteningParams:
+        """Initialise the per-region shift + FC from feature maps (see :func:`learn_region_whitening`),
+        with this module's grid, pooling and ``p``; returns the learned whitening."""
+        if self.proj is None:
+            raise ConfigError("this RMAC has no region projection to initialise; build it with dim=...")
+        params = learn_region_whitening(maps, self.L, self.overlap, self.whole_image, self.kind,
+                                        float(self.p.detach().reshape(-1)[0]), self.eps,
+                                        dims=self.proj.fc.out_features, shrinkage=shrinkage)
+        self.proj.init_from_whitening(params.mean, params.projection)
+        return params
+
     def extra_repr(self) -> str:
         return f"L={self.L}, overlap={self.overlap}, whole_image={self.whole_image}, kind={self.kind!r}"
+
+
+@torch.no_grad()
+def learn_region_whitening(maps: Iterable[Tensor], L: int = 3, overlap: float = 0.4, whole_image: bool = False,
+                           kind: str = "max", p: float = 3.0, eps: float = 1e-6, dims: int | None = None,
+                           shrinkage: float = 0.0) -> WhiteningParams:
+    """PCA-whitening of regional descriptors, the initialisation of R-MAC's shift + FC (Tolias et
+    al. learn it on regions of a separate image set; Gordo et al. initialise their layers with it).
+
+    ``maps``: feature maps [B, C, H, W] (or [C, H, W]), e.g. a backbone's output batch by batch. Each
+    map's regions on the Tolias grid are pooled (``kind``) and L2-normalised, exactly as R-MAC does
+    before its projection; all regions of all maps are the learning set of
+    :func:`irkit.nn.whitening.learn_pca_whitening` (mean, eigenvalue^-1/2 scaling, ``dims``
+    directions). Load the result with :meth:`RegionProjection.init_from_whitening`.
+    """
+    regions = []
+    for fmap in maps:
+        fmap = fmap.unsqueeze(0) if fmap.dim() == 3 else fmap
+        if fmap.dim() != 4:
+            raise ConfigError(f"feature maps must be [B, C, H, W] or [C, H, W], got {tuple(fmap.shape)}")
+        boxes = rmac_regions(fmap.size(-2), fmap.size(-1), L, overlap, whole_image)
+        pooled = F.normalize(pool_regions(fmap, boxes, kind, p, eps), dim=-1)
+        regions.append(pooled.reshape(-1, pooled.size(-1)).double().cpu())
+    if not regions:
+        raise ConfigError("learn_region_whitening needs at least one feature map")
+    r = torch.cat(regions)
+    if r.size(0) < 2:
+        raise ConfigError(f"learn_region_whitening needs at least 2 regions, got {r.size(0)}: give more maps")
+    return learn_pca_whitening(r, dims=dims, power=0.5, shrinkage=shrinkage)
