@@ -100,6 +100,79 @@ def build_store(root: Path, n: int = 12, preset: str = PRESET) -> Path:
     return root / "store"
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``irkit serve`` of the tiny preset in a subprocess on 127.0.0.1, its output captured in ``log``.
+
+    Why a subprocess: disconnects, slow senders and ``kill -9`` are only real against a real socket
+    and a real process; the in-process TestClient cannot produce them."""
+
+    def __init__(self, store: Path, log: Path, *extra: str, token: str | None = "live-token",
+                 startup_s: float = 120.0) -> None:
+        self.store, self.log, self.extra, self.token, self.startup_s = Path(store), Path(log), extra, token, startup_s
+        self.port = 0
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LiveServer":
+        import subprocess
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--store", str(self.store),
+               "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
+        if self.token:
+            cmd += ["--token", self.token]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"server did not answer /health within {self.startup_s:g} s:\n{self.log_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, like a power cut of the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except Exception:
+                self.kill()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 if __name__ == "__main__":
     register()
     from irkit.cli import main
