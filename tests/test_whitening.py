@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irkit.errors import CheckpointError
+from irkit.errors import CheckpointError, ConfigError
 from irkit.nn.whitening import (Whitening, apply_whitening, learn_lw, learn_pca_whitening,
                                 load_whitening, save_whitening)
 
@@ -67,7 +67,7 @@ def test_lw_reduces_intra_pair_distance():
     assert after < 0.5 * before
     reduced = learn_lw(x, idx, idx + 400, dims=8)
     assert reduced.projection.shape == (8, 16) and reduced.kind == "lw"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         learn_lw(x, idx, idx[:10])
 
 

@@ -10,7 +10,7 @@ normalisation:
   tiny directions are not blown up;
 * learned from matching pairs (:func:`learn_lw`, Radenović et al.'s "Lw"): whiten with the
   covariance of intra-pair differences (what varies between two views of one object is squashed),
-  then rotate by the PCA of the whitened descriptors (spread what separates objects).
+  then rotate by the PCA of the whole whitened learning set (spread what separates objects).
 
 Everything is stored as plain tensors in safetensors (``save_whitening``/``load_whitening``), never
 as pickled objects, so a whitening file is portable and safe to load.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irkit.errors import CheckpointError
+from irkit.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -76,26 +76,44 @@ def learn_pca_whitening(x: Tensor, dims: int | None = None, power: float = 0.5, 
 
 def learn_lw(x: Tensor, query_idx: Tensor, positive_idx: Tensor, dims: int | None = None,
              shrinkage: float = 0.0) -> WhiteningParams:
-    """Radenović's learned whitening from matching pairs (``x[query_idx[i]]`` matches
-    ``x[positive_idx[i]]``): mean of the query descriptors; whitening by the intra-pair difference
-    covariance; then PCA (rotation only, sorted by the variance of the whitened descriptors),
-    keeping ``dims`` directions."""
+    """Radenović et al.'s learned whitening "Lw" (TPAMI 2018; cirtorch ``whitenlearn(X, qidxs, pidxs)``).
+
+    ``x`` [N, D]: every descriptor of the learning set (one row per image; cirtorch's X is its
+    transpose); pair i is ``x[query_idx[i]]`` matching ``x[positive_idx[i]]``. Steps:
+
+    1. mean m = mean of the query descriptors of the pairs, ``x[query_idx]``;
+    2. whitening from the covariance of the pair differences, S = mean_i (q_i - p_i)(q_i - p_i)^T:
+       P_w = S^-1/2 (any square root whitens; cirtorch's inverse Cholesky factor gives the same
+       final projection, rows up to sign), eigenvalues raised by ``shrinkage`` x their mean;
+    3. rotation R = eigenvectors of the covariance of ALL rows of ``x`` (queries, positives and
+       any other image alike), centred at m and whitened by P_w, sorted by decreasing eigenvalue;
+    4. projection = R[:, :dims]^T P_w, applied as ``projection @ (x - m)`` then L2.
+
+    ``eigenvalues``: those of step 3 (variance of the whitened learning set per kept direction).
+    """
     x = torch.as_tensor(x).double()
-    qi = torch.as_tensor(query_idx, dtype=torch.long)
-    pi = torch.as_tensor(positive_idx, dtype=torch.long)
+    qi = torch.as_tensor(query_idx, dtype=torch.long).reshape(-1)
+    pi = torch.as_tensor(positive_idx, dtype=torch.long).reshape(-1)
+    if x.dim() != 2:
+        raise ConfigError(f"learn_lw needs descriptors [N, D], got shape {tuple(x.shape)}")
+    n, d = x.shape
     if qi.numel() != pi.numel() or qi.numel() == 0:
-        raise ValueError("query_idx and positive_idx must be non-empty and of equal length")
-    d = x.shape[1]
+        raise ConfigError(f"learn_lw needs as many query as positive indices (at least one pair), got "
+                          f"{qi.numel()} and {pi.numel()}")
+    for name, idx in (("query_idx", qi), ("positive_idx", pi)):
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ConfigError(f"learn_lw {name} must index rows of the {n} descriptors, got values in "
+                              f"[{int(idx.min())}, {int(idx.max())}]")
     dims = d if dims is None else int(dims)
     if not 1 <= dims <= d:
-        raise ValueError(f"dims must be in [1, {d}], got {dims}")
-    mean = x[qi].mean(0)
+        raise ConfigError(f"learn_lw dims must be in [1, {d}], got {dims}")
+    mean = x[qi].mean(0)                                                    # 1. query mean
     diff = x[qi] - x[pi]
-    vals_w, vecs_w = _eig_desc(diff.t() @ diff / diff.shape[0])
-    whiten = _scaled(vals_w, 0.5, shrinkage)[:, None] * vecs_w.t()       # S_intra^{-1/2} (rotated)
-    xw = (x[qi] - mean) @ whiten.t()
-    vals_p, vecs_p = _eig_desc(xw.t() @ xw / xw.shape[0])
-    proj = vecs_p[:, :dims].t() @ whiten
+    vals_w, vecs_w = _eig_desc(diff.t() @ diff / diff.shape[0])             # 2. S of pair differences
+    whiten = _scaled(vals_w, 0.5, shrinkage)[:, None] * vecs_w.t()          #    S^-1/2 (rotated)
+    xw = (x - mean) @ whiten.t()                                            # 3. ALL rows, whitened
+    vals_p, vecs_p = _eig_desc(xw.t() @ xw / n)
+    proj = vecs_p[:, :dims].t() @ whiten                                    # 4. rotate, keep dims
     return WhiteningParams(mean.float(), proj.float(), vals_p[:dims].float(), kind="lw")
 
 
