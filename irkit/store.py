@@ -413,13 +413,17 @@ class FeatureStore:
             name = f"chunk-{uuid.uuid4().hex}"
             rows: dict[str, Any] = {"ids": ids, "paths": paths}
             maps_end = int(self._manifest.get("maps_bytes", 0))
-            if maps is not None:
-                rows["maps"], maps_end = self._append_maps(maps)
-            with atomic_path(self.root / f"{name}.npy", suffix=".tmp") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, np.ascontiguousarray(out))
-            with atomic_path(self.root / f"{name}.json", suffix=".tmp") as tmp:
-                tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+            try:
+                if maps is not None:
+                    rows["maps"], maps_end = self._append_maps(maps)
+                with atomic_path(self.root / f"{name}.npy", suffix=".tmp") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, np.ascontiguousarray(out))
+                with atomic_path(self.root / f"{name}.json", suffix=".tmp") as tmp:
+                    tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+            except OSError:   # e.g. ENOSPC: nothing was committed; give the space back, keep the errno
+                self._discard_uncommitted(name)
+                raise
             chunk = _Chunk(self.root, {"name": name, "n": len(ids)})
             self._chunks.append(chunk)
             self._manifest["generation"] = self.generation + 1
@@ -442,10 +446,37 @@ class FeatureStore:
                 self._chunks.pop()
                 self._manifest = self._read_manifest(self.root) or self._manifest
                 self._load_chunks()
+                self._discard_uncommitted(name)
                 raise
             if len(self._chunks) > self.max_chunks:
-                self._merge_tail()
+                try:
+                    self._merge_tail()
+                except OSError as exc:   # the add is committed; a merge is only an optimisation
+                    log.warning("store %s: merging chunks failed (%s); the add is kept, merge retried later",
+                                self.root, exc)
+                    self._manifest = self._read_manifest(self.root) or self._manifest
+                    self._load_chunks()
             return len(ids)
+
+    def _discard_uncommitted(self, name: str) -> None:
+        """Remove the files of chunk ``name`` and maps past the committed length (a failed add's leftovers).
+
+        Best effort and silent: on a full disk they are the space the next add needs, and what
+        cannot be removed now is removed as an orphan when a writer next opens the store."""
+        for ext in (".npy", ".json"):
+            try:
+                (self.root / f"{name}{ext}").unlink(missing_ok=True)
+            except OSError:
+                pass
+        maps = self.root / MAPS_FILE
+        committed = int(self._manifest.get("maps_bytes", 0))
+        try:
+            if maps.exists() and maps.stat().st_size > committed:
+                with open(maps, "r+b") as fh:
+                    fh.truncate(committed)
+        except OSError:
+            pass
+        self._maps_mm = None
 
     def _check_maps(self, maps: Sequence[np.ndarray] | None) -> None:
         has = self._manifest.get("has_maps")
