@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from irkit.errors import ConfigError, StoreError
-from irkit.search.index import Index, build_index, exact_search, load_or_build
+from irkit.search.index import Index, id_keys
+from irkit.search.indexing import build_index, open_index
+from irkit.search.qe import exact_neighbours
 from irkit.store import FeatureStore
 
 
@@ -57,7 +59,7 @@ def test_flat_equals_brute_force(data):
     assert s.dtype == np.float32 and r.dtype == np.int64 and r.shape == (50, 20)
     np.testing.assert_allclose(s, bs, atol=1e-5)
     assert recall(r, br) == 1.0
-    es, er = exact_search(q, x, 20, batch_size=700)  # streamed brute force agrees too
+    es, er = exact_neighbours(q, x, 20)
     np.testing.assert_allclose(es, bs, atol=1e-5)
     assert recall(er, br) == 1.0
 
@@ -169,8 +171,10 @@ def test_save_load_and_staleness(store, data, tmp_path):
     store.add(["new"], ["p"], x[:1])
     with pytest.raises(StoreError, match="stale"):
         Index.load(path, store=store)
-    rebuilt = load_or_build(store, "IVF32,Flat", path)
-    assert rebuilt.ntotal == 6001 and Index.load(path, store=store).ntotal == 6001
+    synced = open_index(store, "IVF32,Flat", path)  # id-mapped: brought up to date, not rebuilt
+    assert synced.ntotal == 6001 and Index.load(path, store=store).ntotal == 6001
+    assert synced.counters == {"trains": 0, "adds": 1, "removes": 0}
+    assert synced.search(x[:1], 2)[1][0].tolist() in ([0, 6000], [6000, 0])
     other = FeatureStore.open_or_create(tmp_path / "o", model="m2", config={}, dim=32)
     other.add(["a"], ["p"], x[:1])
     with pytest.raises(StoreError, match="another store"):
@@ -244,8 +248,8 @@ def test_pq_adds_are_split_to_bound_faiss_temporaries(monkeypatch):
     whole.reset()
     whole.add(np.concatenate([x, x[:1500]]))
     calls = []
-    original_add = idx.faiss_index.add
-    monkeypatch.setattr(idx.faiss_index, "add", lambda v: (calls.append(len(v)), original_add(v))[1])
+    original_add = idx.faiss_index.add_with_ids
+    monkeypatch.setattr(idx.faiss_index, "add_with_ids", lambda v, i: (calls.append(len(v)), original_add(v, i))[1])
     idx.add(x[:1500])
     assert calls == [700, 700, 100]
 
@@ -254,3 +258,64 @@ def test_pq_adds_are_split_to_bound_faiss_temporaries(monkeypatch):
     whole.set_params(nprobe=8)
     assert idx.ntotal == whole.ntotal == 4500
     np.testing.assert_array_equal(idx.search(x[:40], 20)[1], whole.search(x[:40], 20)[1])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16", "IVF16,PQ8,RFlat"])
+def test_add_and_remove_by_id_match_a_fresh_build(tmp_path, data, factory):
+    """Adds and removes by id change nothing but those vectors: the result equals an index built
+    from scratch on the final set (exactness made comparable with nprobe = all lists), through a
+    save/load round trip; nothing is retrained."""
+    x, q = data
+    s = FeatureStore.open_or_create(tmp_path / "s", model="m", config={}, dim=32)
+    s.add([f"i{j}" for j in range(3000)], ["p"] * 3000, x[:3000])
+    idx = Index.build(s, factory, progress=False)
+    trains = idx.counters["trains"]
+    s.add([f"i{j}" for j in range(3000, 3200)], ["p"] * 200, x[3000:3200])
+    idx.add(x[3000:3200], [f"i{j}" for j in range(3000, 3200)])
+    gone = [f"i{j}" for j in range(0, 3200, 7)]
+    s.remove(gone)
+    assert idx.remove(gone + ["never-added"]) == len(gone)
+    assert idx.counters["trains"] == trains and idx.ntotal == len(s) == 3200 - len(gone)
+    idx.save(tmp_path / "i.faiss", store=s)
+    idx = Index.load(tmp_path / "i.faiss", store=s)
+    if idx.nprobe is not None:
+        idx.nprobe = 16
+    if factory.startswith("IVF16,PQ8"):
+        idx.set_params(k_factor=64)
+    if idx.ef_search is not None:
+        idx.ef_search = 512
+    _, rows = idx.search(q, 10)
+    ref = brute(q, s.descriptors(), 10)[1]
+    assert recall(rows, ref) >= (1.0 if factory in ("Flat", "IVF16,Flat") else 0.97)
+    kept = set(range(len(s)))
+    assert set(rows.ravel().tolist()) <= kept  # rows of the store as it is now, never a removed image
+
+
+def test_open_index_syncs_incrementally_and_serves_what_the_user_built(tmp_path, data):
+    x, q = data
+    s = FeatureStore.open_or_create(tmp_path / "s", model="m", config={}, dim=32)
+    s.add([f"i{j}" for j in range(2000)], ["p"] * 2000, x[:2000])
+    built = build_index(s, "IVF16,Flat", nprobe=16)
+    assert open_index(s).factory == "IVF16,Flat"  # no factory asked: the saved one
+    s.add(["new1", "new2"], ["p", "p"], x[2000:2002])
+    s.remove(["i5", "i6"])
+    idx = open_index(s)
+    assert idx.counters == {"trains": 0, "adds": 1, "removes": 1} and idx.ntotal == len(s)
+    assert Index.load(built.meta["path"], store=s).ntotal == len(s)  # the synced index was saved
+    _, rows = idx.search(x[2000:2002], 1)
+    assert [s.ids[r] for r in rows[:, 0]] == ["new1", "new2"]
+    assert open_index(s, "Flat").factory == "Flat"  # another factory asked for: rebuilt
+
+
+def test_id_keys_are_stable_and_collisions_are_refused():
+    a = id_keys(["a", "b", "ü/ä.jpg"])
+    assert a.dtype == np.int64 and (a >= 0).all() and len(set(a.tolist())) == 3
+    np.testing.assert_array_equal(a, id_keys(["a", "b", "ü/ä.jpg"]))  # no per-process salt
+    x = unit(np.random.default_rng(0).standard_normal((2, 8)))
+    with pytest.raises(ConfigError, match="ids"):
+        Index.build(x, ids=["only-one"])
+    with pytest.raises(StoreError, match="same 64-bit"):
+        Index.build(x, ids=["dup", "dup"])
+    row_keyed = Index.build(x)
+    with pytest.raises(ConfigError, match="id-mapped"):
+        row_keyed.remove(["a"])

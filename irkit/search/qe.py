@@ -15,7 +15,7 @@ Formulas (x_i = i-th nearest database vector by inner product, s_i its similarit
 Negative similarities are clipped to 0 before the power (a fractional power is undefined for them).
 Every function accepts numpy arrays (memmaps included) or torch tensors and returns the same
 kind, float32 and L2-normalised; ``k=0`` returns the (normalised) input. Neighbours are found by an
-exact streamed search unless ``neighbours=(scores, rows)`` from an index search is passed.
+exact (Flat) index search unless ``neighbours=(scores, rows)`` from an index search is passed.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from irkit.errors import ConfigError
-from irkit.search.index import _rows_source, exact_search
+from irkit.search.index import Index, _rows_source
 
 try:  # torch is a project dependency, but QE itself only needs numpy
     import torch
@@ -60,11 +60,17 @@ def _check_k(k: int) -> int:
 
 def _neighbours(q: np.ndarray, db: Any, k: int, neighbours: tuple | None) -> tuple[np.ndarray, np.ndarray]:
     if neighbours is None:
-        return exact_search(q, db, k)
+        return exact_neighbours(q, db, k)
     s, r = (np.asarray(a) for a in neighbours)
     if r.shape[0] != q.shape[0] or r.shape[1] < min(k, db.shape[0]):
         raise ConfigError(f"neighbours have shape {r.shape}, need [{q.shape[0]}, >= {k}]")
     return s[:, :k].astype(np.float32), r[:, :k].astype(np.int64)
+
+
+def exact_neighbours(q: np.ndarray, db: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``q`` over ``db`` by an exact (Flat) :class:`Index`, for callers that pass no neighbours."""
+    k = min(int(k), db.shape[0])
+    return Index.build(np.asarray(db, dtype=np.float32), "Flat", progress=False).search(q, k)
 
 
 def _weighted_sum(base: np.ndarray, db: Any, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -122,16 +128,15 @@ def dba(db: Any, k: int, alpha: float | None = None, *, neighbours: tuple | None
         raise ConfigError(f"alpha must be >= 0, got {alpha}")
     out = np.empty((n, db.shape[1]), dtype=np.float32)
     lin = (k + 1 - np.arange(1, k + 1, dtype=np.float32)) / (k + 1)
+    if neighbours is None:
+        neighbours = exact_neighbours(np.asarray(db, dtype=np.float32), db, k + 1)
     for s0 in range(0, n, batch_size):
         block = np.asarray(db[s0:s0 + batch_size], dtype=np.float32)
-        if neighbours is None:
-            sc, rw = exact_search(block, db, k + 1)
-        else:
-            sc = np.asarray(neighbours[0][s0:s0 + batch_size], dtype=np.float32)
-            rw = np.asarray(neighbours[1][s0:s0 + batch_size], dtype=np.int64)
-            if rw.shape[1] < k + 1:
-                raise ConfigError(f"dba needs neighbours with >= k+1 = {k + 1} columns, got {rw.shape[1]}")
-            sc, rw = sc[:, :k + 1], rw[:, :k + 1]
+        sc = np.asarray(neighbours[0][s0:s0 + batch_size], dtype=np.float32)
+        rw = np.asarray(neighbours[1][s0:s0 + batch_size], dtype=np.int64)
+        if rw.shape[1] < k + 1:
+            raise ConfigError(f"dba needs neighbours with >= k+1 = {k + 1} columns, got {rw.shape[1]}")
+        sc, rw = sc[:, :k + 1], rw[:, :k + 1]
         self_rows = np.arange(s0, s0 + block.shape[0])[:, None]
         drop = rw == self_rows
         no_self = ~drop.any(axis=1)
