@@ -1,4 +1,4 @@
-"""Miners (hard negatives, confusion sampler, in-batch mining) and the class-balanced sampler."""
+"""Miners: hard negatives, confusion sampler, in-batch mining (triplets, contrastive pairs)."""
 from __future__ import annotations
 
 import itertools
@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from irkit.errors import ConfigError, DatasetError
-from irkit.train.miners import (ConfusionNegativeSampler, HardNegativeMiner, batch_hard_triplets,
-                                pairwise_distances, semi_hard_triplets)
-from irkit.train.samplers import ClassBalancedBatchSampler
+from irkit.train.miners import (ConfusionNegativeSampler, HardNegativeMiner, batch_hard_triplets, contrastive_pairs,
+                                hardest_negatives, pairwise_distances, semi_hard_triplets)
 
 
 def _descs(n, d=8, seed=0):
@@ -125,47 +124,23 @@ def test_batch_hard_and_semi_hard_match_loops():
     assert len(exp) > 0
 
 
-# ------------------------------------------------------------------------------------------------ sampler
-def _labels():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 23, (200,), generator=g).tolist() + [23, 24]   # classes 23, 24: one image each
+def test_miner_form_contrastive_pairs_and_hardest_negatives_match_loops():
+    """One form, miner(embeddings, labels) -> indices: checked against plain loops."""
+    x = _descs(12, seed=3).float()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    hn = hardest_negatives(x, y, 3)
+    sim = x @ x.T
+    for i in range(12):
+        ref = sorted((j for j in range(12) if y[j] != y[i]), key=lambda j: -float(sim[i, j]))[:3]
+        assert hn[i].tolist() == ref
+    a, b, t = contrastive_pairs(x, y, hard_negatives=2)
+    pos = [(i, j) for i in range(12) for j in range(i + 1, 12) if y[i] == y[j]]
+    assert [(int(i), int(j)) for i, j, tt in zip(a, b, t) if tt == 1] == pos
+    negs = [(int(i), int(j)) for i, j, tt in zip(a, b, t) if tt == 0]
+    assert negs == [(i, j) for i in range(12) for j in hn[i, :2].tolist()]
+    assert hardest_negatives(x[:2], y[:2], 3).shape == (2, 0)          # no other label: no negatives
+    # the offline miner in the same form: [Q, k] negatives, equal to its tuple form's columns 2:
+    m = HardNegativeMiner(num_negatives=2)
+    q = torch.tensor([0, 5])
+    assert torch.equal(m(x, y, queries=q), m.mine(x, y, q, q)[:, 2:])
 
-
-def test_class_balanced_sampler_properties():
-    labels = _labels()
-    s = ClassBalancedBatchSampler(labels, m_per_class=4, classes_per_batch=3, seed=7, num_replicas=1, rank=0)
-    batches = list(s)
-    assert len(batches) == len(s) == 25 // 3
-    seen = []
-    for b in batches:
-        assert len(b) == 12
-        cls = [labels[i] for i in b]
-        assert len(set(cls)) == 3 and all(cls.count(c) == 4 for c in set(cls))
-        for c in set(cls):
-            idx = [i for i in b if labels[i] == c]
-            if sum(1 for lab in labels if lab == c) >= 4:
-                assert len(set(idx)) == 4            # without replacement when possible
-        seen.extend(set(cls))
-    assert len(seen) == len(set(seen))               # a class appears at most once per epoch
-    # deterministic; set_epoch changes the order
-    s2 = ClassBalancedBatchSampler(labels, m_per_class=4, classes_per_batch=3, seed=7, num_replicas=1, rank=0)
-    assert list(s2) == batches
-    s2.set_epoch(1)
-    assert list(s2) != batches
-
-
-def test_class_balanced_sampler_ddp_disjoint():
-    labels = _labels()
-    single = list(ClassBalancedBatchSampler(labels, 2, 3, seed=1, num_replicas=1, rank=0))
-    per_rank = [list(ClassBalancedBatchSampler(labels, 2, 3, seed=1, num_replicas=3, rank=r)) for r in range(3)]
-    assert all(len(b) == len(single) // 3 for b in per_rank)
-    flat = [set(i for b in batches for i in b) for batches in per_rank]
-    for r1, r2 in itertools.combinations(range(3), 2):
-        assert not flat[r1] & flat[r2]
-    # rank r gets batches r, r+W, ... of the same epoch plan
-    for r in range(3):
-        assert per_rank[r] == single[r: 3 * (len(single) // 3): 3]
-    with pytest.raises(ConfigError):
-        ClassBalancedBatchSampler(labels, 2, 20, num_replicas=2, rank=0)
-    with pytest.raises(ConfigError):
-        ClassBalancedBatchSampler(labels, 2, 3, num_replicas=2, rank=2)

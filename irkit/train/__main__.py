@@ -6,13 +6,12 @@ import argparse
 import logging
 import sys
 
+from irkit.cli.commands.train import add_arguments, run
 from irkit.errors import IrkitError
+from irkit.train import distributed as D
 
 
 def main(argv: list[str] | None = None) -> int:
-    from irkit.cli.commands.train import add_arguments, run
-    from irkit.train import distributed as D
-
     parser = argparse.ArgumentParser(prog="python -m irkit.train", description="Train an irkit model.")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)

@@ -37,6 +37,7 @@ __all__ = [
     "MomentumEncoder",
     "DescriptorQueue",
     "MomentumContrastiveLoss",
+    "local_triplet_loss",
 ]
 
 
@@ -497,3 +498,48 @@ class MomentumContrastiveLoss(nn.Module):
         if self.training:
             self.queue.enqueue(kn, y)
         return loss.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# CFCD local triplet
+# --------------------------------------------------------------------------------------------------
+def local_triplet_loss(fa: torch.Tensor, fp: torch.Tensor, negatives: torch.Tensor, ratio: float = 0.9,
+                       top_frac: float = 0.5, margin: float = 0.1) -> tuple[torch.Tensor, int]:
+    """CFCD's local loss for one tuple (METHODS §3).
+
+    ``fa``, ``fp`` [C, h, w] stage-4 maps of anchor and positive, ``negatives`` [K, C, h, w].
+    Local descriptors are the L2-normalised positions; attention is each position's L1 norm.
+    Matches: mutual nearest neighbours anchor<->positive passing the ratio test (nearest /
+    second-nearest distance < ``ratio``), kept where the positive position is in the top
+    ``top_frac`` of the positive's attention. For each match, each negative image's nearest
+    descriptor to the anchor descriptor is its hard negative; triplet on squared L2 with ``margin``.
+    Returns (mean loss over all (match, negative) triplets, number of matches).
+    """
+    c = fa.shape[0]
+    a = F.normalize(fa.reshape(c, -1).T.float(), dim=1)                  # [Na, C]
+    p = F.normalize(fp.reshape(c, -1).T.float(), dim=1)                  # [Np, C]
+    att_p = fp.reshape(c, -1).abs().sum(0).detach()                      # [Np]
+    with torch.no_grad():
+        d = torch.cdist(a, p)                                            # [Na, Np]
+        two = d.topk(min(2, d.shape[1]), dim=1, largest=False)
+        nn_ap = two.indices[:, 0]
+        nn_pa = d.argmin(0)
+        mutual = nn_pa[nn_ap] == torch.arange(a.shape[0], device=a.device)
+        ratio_ok = (two.values[:, 0] < ratio * two.values[:, 1]) if d.shape[1] > 1 else torch.ones_like(mutual)
+        k = max(1, int(round(top_frac * att_p.numel())))
+        strong = torch.zeros_like(att_p, dtype=torch.bool)
+        strong[att_p.topk(k).indices] = True
+        keep = mutual & ratio_ok & strong[nn_ap]
+    ia = torch.nonzero(keep).squeeze(1)
+    if ia.numel() == 0:
+        return fa.sum() * 0.0, 0
+    ip = nn_ap[ia]
+    qa, qp = a[ia], p[ip]                                                # [M, C]
+    negs = F.normalize(negatives.reshape(negatives.shape[0], c, -1).transpose(1, 2).float(), dim=2)  # [K, Nn, C]
+    with torch.no_grad():
+        dn_all = torch.cdist(qa.unsqueeze(0).expand(negs.shape[0], -1, -1), negs)   # [K, M, Nn]
+        hard = dn_all.argmin(2)                                                      # [K, M]
+    qn = torch.stack([negs[j][hard[j]] for j in range(negs.shape[0])], 1)            # [M, K, C]
+    dp = (qa - qp).pow(2).sum(-1, keepdim=True)                                      # [M, 1]
+    dn = (qa.unsqueeze(1) - qn).pow(2).sum(-1)                                       # [M, K]
+    return F.relu(margin + dp - dn).mean(), int(ia.numel())

@@ -6,7 +6,11 @@
 - :class:`ConfusionNegativeSampler`: CFCD's sampler; negatives are images of other classes that a
   stage-1 classifier predicted as the anchor's class.
 - :func:`batch_hard_triplets`, :func:`semi_hard_triplets`: in-batch triplet mining.
+- :func:`contrastive_pairs`: every positive pair plus each image's hardest negatives (cirtorch tuples).
+- :func:`hardest_negatives`: each image's k most similar images of other labels.
 
+One form: every miner is called as ``miner(embeddings, labels, **options) -> index tensors`` (rows
+of ``embeddings``); the recipes gather the descriptors (or maps) at those indices themselves.
 Descriptors are L2-normalised [N, D]; similarity is the dot product.
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from irkit.errors import ConfigError, DatasetError
 
 __all__ = ["HardNegativeMiner", "ConfusionNegativeSampler", "batch_hard_triplets", "semi_hard_triplets",
-           "pairwise_distances"]
+           "contrastive_pairs", "hardest_negatives", "pairwise_distances"]
 
 
 def _as_long(x, name: str, device=None) -> torch.Tensor:
@@ -52,6 +56,14 @@ class HardNegativeMiner:
     def due(self, step: int) -> bool:
         """True when the caller should re-extract descriptors and call :meth:`mine` (step 0 included)."""
         return step % self.remine_every == 0
+
+    @torch.no_grad()
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor | None = None,
+                 pool: torch.Tensor | None = None) -> torch.Tensor:
+        """The miner form: LongTensor [Q, num_negatives], the hard negatives of each query (default:
+        every row), drawn from ``pool`` (default: every row)."""
+        q = torch.arange(embeddings.shape[0]) if queries is None else torch.as_tensor(queries)
+        return self.mine(embeddings, labels, q, q, pool=pool)[:, 2:]
 
     @torch.no_grad()
     def mine(self, descs: torch.Tensor, clusters: torch.Tensor, queries: torch.Tensor, positives: torch.Tensor,
@@ -241,3 +253,34 @@ def semi_hard_triplets(x: torch.Tensor, labels: torch.Tensor, margin: float = 0.
     n = dan.masked_fill(~ok, float("inf")).argmin(1)
     keep = ok.any(1)
     return a[keep], p[keep], n[keep]
+
+
+@torch.no_grad()
+def hardest_negatives(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k'] indices of each row's ``k`` most similar rows (dot product) with another label, most
+    similar first; ``k' = min(k, fewest other-label rows of any row)`` so every row has as many."""
+    labels = _as_long(labels, "labels", x.device)
+    other = labels[:, None] != labels[None, :]
+    k = min(int(k), int(other.sum(1).min())) if len(labels) else 0
+    if k <= 0:
+        return torch.zeros((len(labels), 0), dtype=torch.long, device=x.device)
+    sim = (x.detach().float() @ x.detach().float().T).masked_fill(~other, float("-inf"))
+    return sim.topk(k, dim=1).indices
+
+
+@torch.no_grad()
+def contrastive_pairs(x: torch.Tensor, labels: torch.Tensor, hard_negatives: int = 5
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs for a contrastive loss (cirtorch-style tuples within a batch): every positive pair
+    (i < j, same label) and, for each image, its ``hard_negatives`` most similar other-label images.
+
+    Returns ``(i, j, target)``: index tensors [P] and ``target`` 1 for positives, 0 for negatives.
+    """
+    labels = _as_long(labels, "labels", x.device)
+    idx = torch.arange(len(labels), device=x.device)
+    same = labels[:, None] == labels[None, :]
+    pi, pj = torch.nonzero(same & (idx[:, None] < idx[None, :]), as_tuple=True)
+    nj = hardest_negatives(x, labels, hard_negatives)
+    ni = idx[:, None].expand_as(nj).reshape(-1)
+    return (torch.cat([pi, ni]), torch.cat([pj, nj.reshape(-1)]),
+            torch.cat([torch.ones_like(pi), torch.zeros_like(ni)]))

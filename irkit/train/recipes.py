@@ -5,8 +5,9 @@ Why modules: a recipe owns the retrieval model plus everything that only exists 
 Its ``state_dict`` is therefore the complete training state for ``--resume``, DDP wraps it as one
 module, and ``export()`` returns the inference model alone (what ``irkit extract`` loads).
 
-Every recipe consumes a batch ``{"images" [B,3,S,S], "labels" [B], "boxes" [B,4] (-1 = none)}``
-laid out as groups of ``per_class`` images of one label (see :mod:`irkit.data.training`).
+The image recipes consume a batch ``{"images" [B,3,S,S], "labels" [B], "boxes" [B,4] (-1 = none)}``
+laid out as groups of ``per_class`` images of one label (see :mod:`irkit.data.training`); a recipe
+may draw its own batches instead (``cvnet-rerank``: pairs of cached feature maps).
 
 =================  ===========================================================================
 ``cvnet-global``   CurricularFace on the descriptor + label-aware momentum contrast against a
@@ -18,6 +19,8 @@ laid out as groups of ``per_class`` images of one label (see :mod:`irkit.data.tr
 ``gem-contrastive`` contrastive loss (cirtorch form) on all positive pairs and the hardest
                    negatives of each image in the batch
 ``joint``          CosFace/normalised-softmax + in-batch ranking loss, balance learned (§5)
+``cvnet-rerank``   CVNet re-ranker on a frozen backbone: 2-way CE on pairs of cached maps, mined hard
+                   negatives, Hide-and-Seek, curriculum (:mod:`irkit.train.recipes_rerank`)
 =================  ===========================================================================
 
 The conv map a recipe needs (local features, regions) is captured with a forward pre-hook on the
@@ -27,7 +30,7 @@ model runs once per image.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,67 +38,70 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from irkit.errors import ConfigError
+from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
+from irkit.models.region_rmac import FeatureTap, RegionModel
+from irkit.nn.region_proposals import ProposalConfig, proposal_loss
+from irkit.train import distributed as D
+from irkit.train.data_kinds import TrainData, build_dataset
+from irkit.train.losses import (ContrastiveLoss, CurricularFace, JointLoss, MadaCos, MomentumContrastiveLoss,
+                                MomentumEncoder, TripletLoss, local_triplet_loss)
+from irkit.train.miners import ConfusionNegativeSampler, batch_hard_triplets, contrastive_pairs, hardest_negatives
 
 log = logging.getLogger(__name__)
 
 RECIPES: dict[str, type["Recipe"]] = {}
 
 
-def register(name: str) -> Callable[[type["Recipe"]], type["Recipe"]]:
+def register(name: str, summary: str) -> Callable[[type["Recipe"]], type["Recipe"]]:
+    """Class decorator: the one registry of recipes (CLI, YAML configs and validation read it);
+    ``irkit/configs/<name>.yaml`` holds the recipe's defaults."""
     def deco(cls: type["Recipe"]) -> type["Recipe"]:
+        if name in RECIPES:
+            raise ValueError(f"recipe {name!r} registered twice")
         RECIPES[name] = cls
-        cls.name = name
+        cls.name, cls.summary = name, summary
         return cls
     return deco
 
 
 def get_recipe(name: str) -> type["Recipe"]:
+    _load_recipe_modules()
     if name not in RECIPES:
-        raise ConfigError(f"unknown training recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+        raise ConfigError(f"unknown training recipe {name!r}; available: {', '.join(recipe_names())}")
     return RECIPES[name]
 
 
-class FeatureTap:
-    """Keeps the last *input* of ``module`` (a forward pre-hook): with the default ``pool`` that is
-    the last conv map for every irkit preset (they all end in ``pool(conv map) -> ...``), whether
-    the model calls its backbone directly or one of its methods."""
-
-    def __init__(self, model: nn.Module, name: str) -> None:
-        module = model
-        for part in name.split("."):
-            if not hasattr(module, part):
-                raise ConfigError(f"model {type(model).__name__} has no submodule {name!r} to take the conv "
-                                  "map from; set model.feature_module to the module that outputs it")
-            module = getattr(module, part)
-        self.output: Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, _module: nn.Module, inputs: Any) -> None:
-        self.output = inputs[0]
-
-    def take(self) -> Tensor:
-        if self.output is None:
-            raise RuntimeError("feature tap: the model has not run yet")
-        out, self.output = self.output, None
-        return out
+def recipe_names() -> list[str]:
+    _load_recipe_modules()
+    return sorted(RECIPES)
 
 
-def _feature_channels(model: nn.Module, feature_module: str, size: int = 64) -> int:
-    tap = FeatureTap(model, feature_module)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-    model.train(was)
-    tap.handle.remove()
-    return int(tap.take().shape[1])
+def _load_recipe_modules() -> None:
+    """Recipes that live in modules of their own register on import."""
+    import irkit.train.recipes_rerank  # noqa: F401  (imports this module: loaded on first lookup)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """BatchNorm layers of ``module`` in eval mode with frozen affine parameters (fine-tuning from
+    pretrained weights with small per-GPU batches)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 class Recipe(nn.Module):
-    """Base: holds ``model`` (the GlobalModel being trained); subclasses add heads and the loss."""
+    """Base: holds ``model`` (the GlobalModel being trained); subclasses add heads and the loss.
+
+    The Trainer drives every recipe through the same hooks: ``build_data`` (classmethod) ->
+    ``setup`` -> per step ``batches`` / ``before_step`` / ``forward`` / ``after_step`` ->
+    ``validate`` at evaluation points -> ``export`` / ``export_config`` at checkpoints."""
 
     name = "base"
+    summary = ""                   # one line for the CLI's help
+    in_batch_positives = True      # needs data.per_class >= 2
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__()
@@ -103,6 +109,31 @@ class Recipe(nn.Module):
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.step = 0  # set by the trainer before each forward (schedules inside recipes)
+
+    # ----------------------------------------------------------------------- config and data
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        """Recipe-specific config errors (empty when fine)."""
+        if cls.in_batch_positives and cfg.data.per_class < 2:
+            return [f"recipe {cls.name} needs in-batch positives: data.per_class >= 2"]
+        return []
+
+    @classmethod
+    def build_data(cls, cfg, spec: InputSpec) -> TrainData:
+        """The training data (default: image batches of ``data.kind``)."""
+        return build_dataset(cfg, spec)
+
+    def setup(self, trainer: Any) -> None:
+        """Called once by ``fit`` after any checkpoint is restored, before the first step."""
+
+    def batches(self, trainer: Any, start: int) -> Iterable[dict[str, Tensor]]:
+        """Batches for steps ``start, start + 1, …`` (default: the trainer's class-balanced images)."""
+        return trainer.image_batches(start)
+
+    # ----------------------------------------------------------------------------- training
+    def freeze_bn(self) -> None:
+        """Applied after ``train()`` when BatchNorm is frozen (``model.bn``)."""
+        freeze_batchnorm(self.model)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters that are not the model's (given the head learning-rate multiplier)."""
@@ -123,25 +154,33 @@ class Recipe(nn.Module):
     def after_step(self) -> None:
         """Called after every optimiser step (EMA updates)."""
 
+    def validate(self, trainer: Any) -> dict[str, float]:
+        """Recipe-specific validation metrics at each evaluation point (logged to eval.csv)."""
+        return {}
+
+    # ------------------------------------------------------------------------------- export
     def export(self) -> GlobalModel:
         """The inference model to checkpoint and evaluate."""
         return self.model
 
     def export_config(self) -> dict[str, Any]:
-        """Extra fields for the checkpoint JSON that rebuilding the exported model needs."""
+        """Extra fields for the checkpoint JSON (``preset``/``options`` here override the config's,
+        so that ``build_model(preset, weights=..., **options)`` rebuilds the exported model)."""
+        return {}
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Extra fields of the run summary."""
         return {}
 
 
 # ---------------------------------------------------------------------------------- cvnet-global
-@register("cvnet-global")
+@register("cvnet-global", "CurricularFace + momentum contrast (CVNet-Global)")
 class CVNetGlobalRecipe(Recipe):
     """CurricularFace(scale, margin) + ``contrast_weight`` x MomentumContrastiveLoss(queue_size,
     contrast_scale) with keys from an EMA copy of the model (momentum)."""
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
-        from irkit.train.losses import CurricularFace, MomentumContrastiveLoss, MomentumEncoder
-
         L = cfg.loss
         self.cls = CurricularFace(model.dim, num_classes, scale=L.scale, margin=L.margin)
         self.key_encoder = MomentumEncoder(model, momentum=L.momentum)
@@ -164,49 +203,7 @@ class CVNetGlobalRecipe(Recipe):
 
 
 # ------------------------------------------------------------------------------------------ cfcd
-def local_triplet_loss(fa: Tensor, fp: Tensor, negatives: Tensor, ratio: float = 0.9, top_frac: float = 0.5,
-                       margin: float = 0.1) -> tuple[Tensor, int]:
-    """CFCD's local loss for one tuple (METHODS §3).
-
-    ``fa``, ``fp`` [C, h, w] stage-4 maps of anchor and positive, ``negatives`` [K, C, h, w].
-    Local descriptors are the L2-normalised positions; attention is each position's L1 norm.
-    Matches: mutual nearest neighbours anchor<->positive passing the ratio test (nearest /
-    second-nearest distance < ``ratio``), kept where the positive position is in the top
-    ``top_frac`` of the positive's attention. For each match, each negative image's nearest
-    descriptor to the anchor descriptor is its hard negative; triplet on squared L2 with ``margin``.
-    Returns (mean loss over all (match, negative) triplets, number of matches).
-    """
-    c = fa.shape[0]
-    a = F.normalize(fa.reshape(c, -1).T.float(), dim=1)                  # [Na, C]
-    p = F.normalize(fp.reshape(c, -1).T.float(), dim=1)                  # [Np, C]
-    att_p = fp.reshape(c, -1).abs().sum(0).detach()                      # [Np]
-    with torch.no_grad():
-        d = torch.cdist(a, p)                                            # [Na, Np]
-        two = d.topk(min(2, d.shape[1]), dim=1, largest=False)
-        nn_ap = two.indices[:, 0]
-        nn_pa = d.argmin(0)
-        mutual = nn_pa[nn_ap] == torch.arange(a.shape[0], device=a.device)
-        ratio_ok = (two.values[:, 0] < ratio * two.values[:, 1]) if d.shape[1] > 1 else torch.ones_like(mutual)
-        k = max(1, int(round(top_frac * att_p.numel())))
-        strong = torch.zeros_like(att_p, dtype=torch.bool)
-        strong[att_p.topk(k).indices] = True
-        keep = mutual & ratio_ok & strong[nn_ap]
-    ia = torch.nonzero(keep).squeeze(1)
-    if ia.numel() == 0:
-        return fa.sum() * 0.0, 0
-    ip = nn_ap[ia]
-    qa, qp = a[ia], p[ip]                                                # [M, C]
-    negs = F.normalize(negatives.reshape(negatives.shape[0], c, -1).transpose(1, 2).float(), dim=2)  # [K, Nn, C]
-    with torch.no_grad():
-        dn_all = torch.cdist(qa.unsqueeze(0).expand(negs.shape[0], -1, -1), negs)   # [K, M, Nn]
-        hard = dn_all.argmin(2)                                                      # [K, M]
-    qn = torch.stack([negs[j][hard[j]] for j in range(negs.shape[0])], 1)            # [M, K, C]
-    dp = (qa - qp).pow(2).sum(-1, keepdim=True)                                      # [M, 1]
-    dn = (qa.unsqueeze(1) - qn).pow(2).sum(-1)                                       # [M, K]
-    return F.relu(margin + dp - dn).mean(), int(ia.numel())
-
-
-@register("cfcd")
+@register("cfcd", "MadaCos, then + local triplet on confusion negatives (CFCD)")
 class CFCDRecipe(Recipe):
     """MadaCos(a) on the descriptor; from step ``loss.stage2_step`` (>= 0) on, + ``local_weight`` x
     the local triplet of :func:`local_triplet_loss` over tuples (anchor, positive, ``local_negatives``
@@ -224,8 +221,6 @@ class CFCDRecipe(Recipe):
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
-        from irkit.train.losses import MadaCos
-
         if cfg.loss.cfcd_negatives not in self.NEGATIVE_MODES:
             raise ConfigError(f"loss.cfcd_negatives={cfg.loss.cfcd_negatives!r}: use one of {self.NEGATIVE_MODES}")
         self.cls = MadaCos(model.dim, num_classes, a=cfg.loss.madacos_a)
@@ -244,8 +239,6 @@ class CFCDRecipe(Recipe):
     def before_step(self, trainer: Any) -> None:
         if self.stage() != 2 or self.cfg.loss.cfcd_negatives != "confusion" or self._negatives is not None:
             return
-        from irkit.train.miners import ConfusionNegativeSampler
-
         labels = torch.as_tensor(trainer.labels, dtype=torch.long)
         if self.stage1_pred.numel() == 0:
             self.stage1_pred = self.predict_classes(trainer.dataset, len(labels), trainer.cfg.data.batch_size)
@@ -269,8 +262,6 @@ class CFCDRecipe(Recipe):
     def predict_classes(self, dataset: Any, n: int, batch_size: int) -> Tensor:
         """[n] stage-1 predicted class of every training image (its deterministic slot-0 view):
         argmax of cos(descriptor, MadaCos weight). Ranks split the images and gather."""
-        from irkit.train import distributed as D
-
         was_training = self.training
         self.eval()
         r, w = D.rank(), D.world_size()
@@ -285,8 +276,6 @@ class CFCDRecipe(Recipe):
 
     def _confusion_negative_maps(self, classes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Sampled negative image rows [A, K] for anchors of ``classes`` and their conv maps [A, K, C, h, w]."""
-        from irkit.train import distributed as D
-
         self._negatives.set_epoch(self.step * D.world_size() + D.rank())  # reproducible, resumable
         rows = self._negatives.sample(torch.tensor([self._class_rep[c] for c in classes]))
 
@@ -329,12 +318,8 @@ class CFCDRecipe(Recipe):
         if self._negatives is not None:
             negatives = list(self._confusion_negative_maps([int(y[i]) for i, _ in pairs], fmap.device)[1])
         else:
-            sim = desc @ desc.T
-            negatives = []
-            for i, _ in pairs:
-                other = y != y[i]
-                k = min(L.local_negatives, int(other.sum()))
-                negatives.append(fmap[sim[i].masked_fill(~other, float("-inf")).topk(k).indices])
+            hardest = hardest_negatives(desc, y, L.local_negatives)       # [B, k], by global similarity
+            negatives = [fmap[hardest[i]] for i, _ in pairs]
         terms, total = [], 0
         for (i, p), negs in zip(pairs, negatives):
             loss, n = local_triplet_loss(fmap[i], fmap[p], negs, L.ratio, L.top_frac, L.local_margin)
@@ -344,69 +329,22 @@ class CFCDRecipe(Recipe):
 
 
 # ------------------------------------------------------------------------------------ rmac-triplet
-class RegionModel(GlobalModel):
-    """A preset's conv trunk (its ``feature_module``) followed by R-MAC on the Tolias grid or on
-    learned region proposals (:class:`irkit.nn.region_proposals.ProposalRMAC`)."""
-
-    def __init__(self, base: GlobalModel, regions: str = "grid", levels: int = 3, project: bool = True,
-                 proposal_cfg=None, feature_module: str = "pool") -> None:
-        super().__init__()
-        from irkit.nn.pooling import RMAC
-        from irkit.nn.region_proposals import ProposalConfig, ProposalRMAC
-
-        self.base = base
-        self.input_spec = base.input_spec
-        self.default_scales = base.default_scales
-        self.scale_reduce = "sum"
-        self.feature_module = feature_module
-        self.regions_kind = regions
-        channels = _feature_channels(base, feature_module)
-        self.dim = channels
-        if regions == "grid":
-            self.rpool = RMAC(L=levels, dim=channels if project else None)
-            if project:
-                nn.init.eye_(self.rpool.proj.fc.weight)
-        elif regions == "proposals":
-            self.rpool = ProposalRMAC(channels, proposal_cfg or ProposalConfig(), project=project)
-        else:
-            raise ConfigError(f"model.regions must be 'grid' or 'proposals', got {regions!r}")
-        self._tap = FeatureTap(base, feature_module)
-
-    def feature_map(self, x: Tensor) -> Tensor:
-        """The base model's last conv map (its global head also runs; it is cheap)."""
-        self.base(x)
-        return self._tap.take()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rpool(self.feature_map(x))
-
-    def describe(self) -> dict:
-        out = super().describe()
-        out.update(base=self.base.describe(), regions=self.regions_kind)
-        return out
-
-
-@register("rmac-triplet")
+@register("rmac-triplet", "R-MAC on a grid or learned proposals + batch-hard triplet (DIR)")
 class RMACTripletRecipe(Recipe):
     """Triplet loss (margin ``triplet_margin``, ½·max(0, m + |q−p|² − |q−n|²)) on batch-hard
     triplets of R-MAC descriptors; with ``model.regions=proposals`` the proposal head is trained by
     :func:`irkit.nn.region_proposals.proposal_loss` (weight ``rpn_weight``) on the batch's boxes."""
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
-        from irkit.nn.region_proposals import ProposalConfig
-        from irkit.train.losses import TripletLoss
-
         M = cfg.model
-        pcfg = ProposalConfig(top_n=M.proposals_top_n, sizes=tuple(M.anchor_sizes), ratios=tuple(M.anchor_ratios))
-        region_model = model if isinstance(model, RegionModel) else RegionModel(
-            model, M.regions, M.rmac_levels, proposal_cfg=pcfg, feature_module=M.feature_module)
-        super().__init__(region_model, cfg, num_classes)
+        if not isinstance(model, RegionModel):
+            pcfg = ProposalConfig(top_n=M.proposals_top_n, sizes=tuple(M.anchor_sizes), ratios=tuple(M.anchor_ratios))
+            model = RegionModel(model, M.regions, M.rmac_levels, proposal_cfg=pcfg, feature_module=M.feature_module)
+            model.options["base_options"] = dict(M.options)
+        super().__init__(model, cfg, num_classes)
         self.triplet = TripletLoss(margin=cfg.loss.triplet_margin)
 
     def forward(self, batch):
-        from irkit.nn.region_proposals import proposal_loss
-        from irkit.train.miners import batch_hard_triplets
-
         x, y = batch["images"], batch["labels"]
         fmap = self.model.feature_map(x)
         desc = self.model.rpool(fmap)
@@ -428,53 +366,37 @@ class RMACTripletRecipe(Recipe):
         return loss, logs
 
     def export_config(self) -> dict[str, Any]:
-        M = self.cfg.model
-        return {"wrapper": "RegionModel", "regions": M.regions, "rmac_levels": M.rmac_levels,
-                "proposals_top_n": M.proposals_top_n, "anchor_sizes": list(M.anchor_sizes),
-                "anchor_ratios": list(M.anchor_ratios), "feature_module": M.feature_module}
+        """The exported model is the ``rmac-regions`` preset with these options."""
+        return {"preset": "rmac-regions", "options": dict(self.model.options)}
 
 
 # --------------------------------------------------------------------------------- gem-contrastive
-@register("gem-contrastive")
+@register("gem-contrastive", "GeM + contrastive loss with in-batch hard negatives (cirtorch)")
 class GeMContrastiveRecipe(Recipe):
     """Contrastive loss (margin ``contrastive_margin``) on every positive pair of the batch and, per
     image, its ``hard_negatives`` most similar images of other labels (cirtorch-style tuples)."""
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
-        from irkit.train.losses import ContrastiveLoss
-
         self.loss_fn = ContrastiveLoss(margin=cfg.loss.contrastive_margin)
 
     def forward(self, batch):
         x, y = batch["images"], batch["labels"]
         d = self.model(x)
-        n = len(y)
-        idx = torch.arange(n, device=y.device)
-        same = y[:, None] == y[None, :]
-        pi, pj = torch.nonzero(same & (idx[:, None] < idx[None, :]), as_tuple=True)
-        with torch.no_grad():
-            sim = (d @ d.T).masked_fill(same, float("-inf"))
-            k = min(self.cfg.loss.hard_negatives, int((~same).sum(1).min()))
-            nj = sim.topk(k, dim=1).indices if k > 0 else idx.new_zeros((n, 0))
-        ni = idx[:, None].expand_as(nj).reshape(-1)
-        a = torch.cat([pi, ni])
-        b = torch.cat([pj, nj.reshape(-1)])
-        target = torch.cat([torch.ones_like(pi), torch.zeros_like(ni)])
+        a, b, target = contrastive_pairs(d, y, self.cfg.loss.hard_negatives)
+        n_pos = int(target.sum())
         loss = self.loss_fn(d[a], d[b], target)
-        return loss, {"contrastive": float(loss.detach()), "pairs": float(len(pi)), "negatives": float(len(ni))}
+        return loss, {"contrastive": float(loss.detach()), "pairs": float(n_pos), "negatives": float(len(target) - n_pos)}
 
 
 # ------------------------------------------------------------------------------------------ joint
-@register("joint")
+@register("joint", "CosFace + in-batch ranking loss with a learned balance")
 class JointRecipe(Recipe):
     """:class:`irkit.train.losses.JointLoss`: CosFace(scale, margin) + in-batch ranking
     (``joint_rank``: triplet | contrastive) with learned weights."""
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
-        from irkit.train.losses import JointLoss
-
         L = cfg.loss
         margin = L.triplet_margin if L.joint_rank == "triplet" else L.contrastive_margin
         self.joint = JointLoss(model.dim, num_classes, rank=L.joint_rank, cls_scale=L.scale,

@@ -10,8 +10,13 @@ Why it is built this way:
   temporary name and renamed; ``latest.json`` (atomic) names the newest. Weights are safetensors
   with a JSON config; optimiser/scheduler/RNG state is a weights-only-loadable ``torch.save``
   file (no pickled objects). ``model.safetensors`` + ``model.json`` at the top of ``out_dir`` is
-  the exported inference model (loadable with :func:`load_trained` or
-  ``build_model(preset, weights=...)`` for plain presets).
+  the exported inference model: ``build_model(json["preset"], weights=..., **json["options"])``.
+* **One loop for every recipe.** What differs between methods lives in the recipe
+  (:mod:`irkit.train.recipes`: its data, batches, loss, validation, export); the loop, optimiser,
+  schedule, AMP, DDP, checkpoints and metrics are here, once.
+* **The learning curve is visible.** ``metrics.csv`` (train loss per ``log_every`` steps),
+  ``eval.csv`` (recipe validation and revisitop mAP per evaluation) and ``learning_curve.png``
+  (both, redrawn at every checkpoint) sit next to ``model.safetensors``.
 * **Library hygiene.** No prints (logging + tqdm), user mistakes raise ConfigError.
 
 Config: :class:`TrainConfig` (dataclasses), from the recipe's YAML in ``irkit/configs`` plus an
@@ -34,9 +39,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from safetensors.torch import load_file, save_file
+
 from irkit.config import apply_overrides, from_dict, load_yaml, merge_dicts, to_dict
+from irkit.data.revisitop import load_revisitop
+from irkit.data.training import BalancedBatches, collate
 from irkit.errors import CheckpointError, ConfigError
+from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
+from irkit.extract import embed_arrays
+from irkit.io.images import crop_bbx, load_image, resize_max_side
+from irkit.models.checkpoints import save_irkit_checkpoint
+from irkit.models.registry import build_model, get_preset
+from irkit.train import distributed as D
 from irkit.train.checkpointing import append_csv, latest_checkpoint, truncate_csv, write_checkpoint
+from irkit.train.curves import plot_learning_curve
+from irkit.train.data_kinds import data_kind_names
+from irkit.train.recipes import get_recipe
 from irkit.utils import atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
@@ -61,8 +79,26 @@ class ModelConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """Random views cached by cvnet-rerank's map bank (irkit.data.synthetic_pairs.random_view)."""
+    per_photo: int = 24                 # label-free kinds: views per photo
+    per_image: int = 1                  # labelled kinds: 1 = the image itself, more = + random views
+    size: list[int] = field(default_factory=lambda: [288, 352])   # (h, w) of every view
+    source_side: int = 512              # photos are resized to this larger side before taking views
+    night_prob: float = 0.25            # share of views darkened and colour-cast ("night")
+    crop_frac: list[float] = field(default_factory=lambda: [0.45, 0.9])
+    max_rotation_deg: float = 15.0
+    max_perspective: float = 0.15
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 10.0
+    occlusion_prob: float = 0.5
+
+
+@dataclass
 class DataConfig:
-    kind: str = "synthetic"   # synthetic | scenes | gldv2 | pairs | sfm120k | folder
+    kind: str = "synthetic"   # a registered data kind (irkit.train.data_kinds): synthetic | scenes | gldv2 | ...
     path: str = ""            # CSV / pickle / class folder / photo folder ("" or "auto" for synthetic = photo_sources)
     image_root: str = ""      # image root for gldv2 / pairs / sfm120k
     exclude: list[str] = field(default_factory=list)   # photo names/globs to leave out (synthetic)
@@ -75,6 +111,10 @@ class DataConfig:
     max_classes: int | None = None
     min_images: int = 1
     split: str = "train"      # sfm120k split
+    val_classes: int = 0      # classes held out for recipe validation (cvnet-rerank)
+    extract_batch: int = 16   # images per forward pass when caching maps (cvnet-rerank)
+    cache_dir: str = ""       # where cached maps go ("" = out_dir)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
 @dataclass
@@ -118,13 +158,34 @@ class LossConfig:
     rpn_weight: float = 1.0
     rpn_detach: bool = True         # proposal loss does not move the backbone
     joint_rank: str = "triplet"
+    pos_fraction: float = 0.5       # cvnet-rerank: share of positive pairs per batch
+
+
+@dataclass
+class MiningConfig:
+    num_hard: int = 10              # hard negatives kept per query (top-k by global similarity)
+    remine_every: int = 200         # steps between re-mining
+    pool_fraction: float = 0.5      # share of the training rows each re-mining draws its pool from
+
+
+@dataclass
+class HideConfig:
+    grid: int = 4                   # Hide-and-Seek grid (cells per side)
+    fill: str = "zero"              # zero | mean (see irkit.train.hide_and_seek)
+    side: str = "both"              # both | key | query: which map of a pair is hidden
+
+
+def _default_curriculum() -> dict:
+    return {"hard_negative_share": {"start_value": 0.0, "end_value": 0.8, "start_step": 0, "end_step": -1,
+                                    "kind": "linear"},
+            "hide_prob": {"start_value": 0.0, "end_value": 0.3, "start_step": 0, "end_step": -1, "kind": "linear"}}
 
 
 @dataclass
 class EvalConfig:
     data_dir: str = ""              # revisitop-layout folder holding <name>/gnd_<name>.pkl
     name: str = "minidev"
-    every: int = 0                  # steps between evaluations (0 = only at the end, if data_dir)
+    every: int = 0                  # steps between evaluations (0 = only at the end)
     at_start: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
     max_side: int | None = None     # None: the model's own input convention
@@ -144,23 +205,22 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False
     max_minutes: float = 0.0        # stop (with a checkpoint) after this wall time; 0 = no limit
+    threads: int = 0                # torch CPU threads (0 = leave as is)
+    plot: bool = True               # write learning_curve.png next to the checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def list_recipe_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    hide: HideConfig = field(default_factory=HideConfig)
+    curriculum: dict = field(default_factory=_default_curriculum)   # Schedule fields; end_step -1 = last step
 
 
 def make_config(recipe: str, overrides: Sequence[str] = (), config_file: str | os.PathLike | None = None
                 ) -> TrainConfig:
     """Recipe defaults (``irkit/configs/<recipe>.yaml``) <- ``config_file`` <- ``overrides``."""
-    from irkit.train.recipes import get_recipe
-
     get_recipe(recipe)
     data: dict[str, Any] = {}
     path = CONFIG_DIR / f"{recipe}.yaml"
@@ -182,18 +242,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.batch_size < 2 or cfg.data.batch_size % cfg.data.per_class:
         errs.append(f"data.batch_size ({cfg.data.batch_size}) must be >= 2 and a multiple of data.per_class "
                     f"({cfg.data.per_class})")
-    if cfg.data.per_class < 2 and cfg.recipe in ("rmac-triplet", "gem-contrastive", "joint", "cfcd"):
-        errs.append(f"recipe {cfg.recipe} needs in-batch positives: data.per_class >= 2")
     if cfg.optim.name not in ("adamw", "sgd"):
         errs.append(f"optim.name must be adamw or sgd (got {cfg.optim.name!r})")
     if cfg.schedule.kind not in ("cosine", "step", "constant"):
         errs.append(f"schedule.kind must be cosine, step or constant (got {cfg.schedule.kind!r})")
     if cfg.model.bn not in ("auto", "train", "frozen"):
         errs.append(f"model.bn must be auto, train or frozen (got {cfg.model.bn!r})")
-    if cfg.data.kind not in ("synthetic", "scenes", "gldv2", "pairs", "sfm120k", "folder"):
-        errs.append(f"data.kind must be synthetic, scenes, gldv2, pairs, sfm120k or folder (got {cfg.data.kind!r})")
+    if cfg.data.kind not in data_kind_names():
+        errs.append(f"data.kind must be one of {', '.join(data_kind_names())} (got {cfg.data.kind!r})")
     if cfg.data.image_size < 16:
         errs.append(f"data.image_size must be >= 16 (got {cfg.data.image_size})")
+    errs += get_recipe(cfg.recipe).check_config(cfg)
     if errs:
         raise ConfigError("invalid training config: " + "; ".join(errs))
 
@@ -202,8 +261,6 @@ def validate(cfg: TrainConfig) -> None:
 def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The preset with its starting weights (``model.weights``, else the preset default unless
     ``model.pretrained=false``)."""
-    from irkit.models.registry import build_model, get_preset
-
     preset = get_preset(cfg.model.preset)
     if cfg.model.weights:
         return build_model(cfg.model.preset, weights=cfg.model.weights, device="cpu", **cfg.model.options)
@@ -216,47 +273,10 @@ def build_base_model(cfg: TrainConfig) -> nn.Module:
 
 
 def starts_pretrained(cfg: TrainConfig) -> bool:
-    from irkit.models.registry import get_preset
-
     if cfg.model.weights:
         return True
     preset = get_preset(cfg.model.preset)
     return bool(cfg.model.pretrained and preset.default_weights is not None and preset.default_weights() is not None)
-
-
-def build_dataset(cfg: TrainConfig, spec) -> tuple[torch.utils.data.Dataset, np.ndarray, int, str]:
-    """(dataset taking (index, seed, slot) keys, labels, number of classes, description)."""
-    from irkit.data import training as T
-
-    D = cfg.data
-    if D.kind in ("synthetic", "scenes"):
-        if D.kind == "scenes":
-            folder = Path(D.path or Path(cfg.out_dir) / "scenes")
-            photos = T.synthetic_scenes(folder, D.num_scenes, size=max(256, D.image_size), seed=cfg.seed)
-            desc = f"{len(photos)} generated scenes in {folder}"
-        elif D.path and D.path != "auto":
-            from irkit.data.synthetic_pairs import photo_pool
-
-            photos = photo_pool(D.path, exclude=D.exclude)
-            desc = f"{len(photos)} photos under {D.path}"
-        else:
-            from irkit.data.photo_sources import locate_photo_pool
-
-            srcs = "auto" if list(D.photo_sources) == ["auto"] else list(D.photo_sources)
-            photos = locate_photo_pool(srcs, exclude=D.exclude)
-            desc = f"{len(photos)} photos from photo sources {D.photo_sources}"
-        ds = T.SyntheticViewSet(photos, D.image_size, spec)
-        return ds, ds.labels, len(photos), desc
-    if D.kind == "gldv2":
-        data = T.gldv2_clean(D.path, D.image_root, min_images=D.min_images, max_classes=D.max_classes)
-    elif D.kind == "pairs":
-        data = T.pairs_csv(D.path, D.image_root or None)
-    elif D.kind == "sfm120k":
-        data = T.sfm120k_pickle(D.path, D.image_root, D.split)
-    else:
-        data = T.folder_per_class(D.path)
-    return (T.AugmentedImages(data, D.image_size, spec), data.labels, data.num_classes,
-            f"{len(data)} images in {data.num_classes} classes ({D.kind}: {D.path})")
 
 
 def _lr_lambda(sc: ScheduleConfig, total: int) -> Callable[[int], float]:
@@ -271,16 +291,6 @@ def _lr_lambda(sc: ScheduleConfig, total: int) -> Callable[[int], float]:
         t = min(1.0, (step - sc.warmup_steps) / span)
         return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
-
-
-def _set_bn(model: nn.Module, frozen: bool) -> None:
-    if not frozen:
-        return
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -305,13 +315,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Runs one training config. ``on_step(trainer, step)`` is called after every optimiser step
-    (tests use it to interrupt a run)."""
+    """Runs one training config, whatever the recipe. ``on_step(trainer, step)`` is called after
+    every optimiser step (tests use it to interrupt a run)."""
 
     def __init__(self, cfg: TrainConfig, on_step: Callable[["Trainer", int], None] | None = None) -> None:
-        from irkit.train import distributed as D
-        from irkit.train.recipes import get_recipe
-
         self.cfg = cfg
         self.on_step = on_step
         self.rank, self.world, local = D.init_from_env()
@@ -322,17 +329,21 @@ class Trainer:
             self.device = resolve_device(cfg.device)
         self.amp = bool(cfg.amp and self.device.type == "cuda")
         self.out = Path(cfg.out_dir)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+        recipe_cls = get_recipe(cfg.recipe)
         base = build_base_model(cfg)
         self.pretrained = starts_pretrained(cfg)
-        self.dataset, self.labels, self.num_classes, data_desc = build_dataset(cfg, base.input_spec)
-        log.info("training data: %s", data_desc)
-        self.recipe = get_recipe(cfg.recipe)(base, cfg, self.num_classes).to(self.device)
+        self.data = recipe_cls.build_data(cfg, base.input_spec)
+        self.dataset, self.labels, self.num_classes = self.data.dataset, self.data.labels, self.data.num_classes
+        log.info("training data: %s", self.data.description)
+        self.recipe = recipe_cls(base, cfg, self.num_classes).to(self.device)
         self.bn_frozen = cfg.model.bn == "frozen" or (cfg.model.bn == "auto" and self.pretrained)
         self.module: nn.Module = self.recipe
         if self.world > 1:
@@ -358,19 +369,19 @@ class Trainer:
     # ---------------------------------------------------------------- helpers
     def _train_mode(self) -> None:
         self.recipe.train()
-        _set_bn(self.recipe.model, self.bn_frozen)
+        if self.bn_frozen:
+            self.recipe.freeze_bn()
 
-    def _loader(self, start: int):
-        from irkit.data.training import BalancedBatches, collate
-
-        D = self.cfg.data
-        if (D.batch_size // self.world) % D.per_class:
-            raise ConfigError(f"data.batch_size / world size ({D.batch_size}/{self.world}) must be a multiple "
-                              f"of data.per_class ({D.per_class}) so every rank has whole groups")
-        sampler = BalancedBatches(self.labels, D.batch_size, D.per_class, seed=self.cfg.seed, start_step=start,
+    def image_batches(self, start: int):
+        """Class-balanced image batches for steps ``start …`` (a pure function of (seed, step))."""
+        D_ = self.cfg.data
+        if (D_.batch_size // self.world) % D_.per_class:
+            raise ConfigError(f"data.batch_size / world size ({D_.batch_size}/{self.world}) must be a multiple "
+                              f"of data.per_class ({D_.per_class}) so every rank has whole groups")
+        sampler = BalancedBatches(self.labels, D_.batch_size, D_.per_class, seed=self.cfg.seed, start_step=start,
                                   total_steps=self.cfg.steps, shard=(self.rank, self.world))
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=D.workers, persistent_workers=False,
+                                           num_workers=D_.workers, persistent_workers=False,
                                            pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------- checkpoints
@@ -385,11 +396,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step_N`` atomically, update ``latest.json``, export the inference model
-        to ``out_dir/model.safetensors``, prune old checkpoints (irkit.train.checkpointing)."""
-        from safetensors.torch import save_file
-
-        from irkit.models.checkpoints import save_irkit_checkpoint
-
+        to ``out_dir/model.safetensors``, prune old checkpoints (irkit.train.checkpointing), redraw
+        the learning curve."""
         with write_checkpoint(self.out, self.step, self.cfg.keep_checkpoints) as tmp:
             save_irkit_checkpoint(self.recipe.export(), self.export_config(), tmp / "model.safetensors")
             state = {k: v.detach().cpu().contiguous().clone() for k, v in self.recipe.state_dict().items()}
@@ -398,18 +406,24 @@ class Trainer:
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                         "rng": _rng_state()}, tmp / "train_state.pt")
             atomic_write_json(tmp / "config.json", to_dict(self.cfg))
+        self.plot()
         return self.ckpt_root / f"step_{self.step:07d}"
+
+    def plot(self) -> Path | None:
+        """Redraw ``learning_curve.png`` from the metrics CSVs (``plot=false`` turns it off)."""
+        if not (self.cfg.plot and self.is_main):
+            return None
+        return plot_learning_curve(self.out, title=f"{self.cfg.recipe} ({self.out.name})")
 
     def load_checkpoint(self) -> bool:
         """Restore the newest checkpoint of ``out_dir``; False when there is none."""
-        from safetensors.torch import load_file
-
         folder = latest_checkpoint(self.out)
         if folder is None:
             return False
-        saved_recipe = json.loads((folder / "config.json").read_text()).get("recipe")
-        if saved_recipe != self.cfg.recipe:
-            raise ConfigError(f"{self.out} holds a {saved_recipe!r} run; cannot resume it as {self.cfg.recipe!r}")
+        saved = json.loads((folder / "config.json").read_text())
+        if saved.get("recipe") != self.cfg.recipe:
+            raise ConfigError(f"{self.out} holds a {saved.get('recipe')!r} run; cannot resume it as "
+                              f"{self.cfg.recipe!r}")
         state = load_file(str(folder / "train.safetensors"))
         missing, unexpected = self.recipe.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -442,9 +456,7 @@ class Trainer:
 
     # --------------------------------------------------------------------- run
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to ``cfg.steps``; returns a summary (final loss, last eval, checkpoint path)."""
-        from irkit.train import distributed as D
-
+        """Train to ``cfg.steps``; returns a summary (final loss, last evaluation, file paths)."""
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +470,10 @@ class Trainer:
             truncate_csv(self.out / "metrics.csv", self.step)
             truncate_csv(self.out / "eval.csv", self.step)
             atomic_write_json(self.out / "config.json", to_dict(cfg))
-        summary: dict[str, Any] = {"start_step": self.step}
+        t0 = time.time()
+        self.recipe.setup(self)
+        summary: dict[str, Any] = {"recipe": cfg.recipe, "start_step": self.step,
+                                   "setup_seconds": round(time.time() - t0, 2)}
         if self.is_main and cfg.eval.at_start and self.step == 0:
             summary["eval_start"] = self._run_eval()
         self._train_mode()
@@ -466,8 +481,9 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main))
         t0 = time.time()
         last_loss = float("nan")
+        last_eval: dict[str, Any] | None = None
         stopped_early = False
-        for batch in self._loader(self.step):
+        for batch in self.recipe.batches(self, self.step):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.recipe.step = self.step
             self.recipe.before_step(self)
@@ -497,10 +513,10 @@ class Trainer:
                 row.update({k: v for k, v in logs.items()})
                 self._log_csv("metrics.csv", row)
             timeout = cfg.max_minutes > 0 and (time.time() - t0) > cfg.max_minutes * 60
+            if self.is_main and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
+                last_eval = self._run_eval()
             if self.is_main and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or timeout):
                 summary["checkpoint"] = str(self.save_checkpoint())
-            if self.is_main and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
-                self._run_eval()
             if self.on_step is not None:
                 self.on_step(self, self.step)
             if timeout:
@@ -509,19 +525,38 @@ class Trainer:
                 stopped_early = True
                 break
         bar.close()
-        if self.is_main and cfg.eval.data_dir:
-            summary["eval"] = self._run_eval()
+        if self.is_main:
+            final = self._run_eval()
+            if final is not None:
+                last_eval = final
+                summary["eval"] = final
+            curve = self.plot()
+            summary["files"] = {"model": str(self.out / "model.safetensors"),
+                                "metrics": str(self.out / "metrics.csv"),
+                                "eval": str(self.out / "eval.csv") if (self.out / "eval.csv").is_file() else None,
+                                "learning_curve": str(curve) if curve else None}
         summary.update(step=self.step, loss=last_loss, seconds=round(time.time() - t0, 2),
-                       stopped_early=stopped_early)
+                       stopped_early=stopped_early, **self.recipe.summary_extras())
+        if last_eval is not None:
+            summary["last_eval"] = last_eval
         return summary
 
-    def _run_eval(self) -> dict[str, float] | None:
+    def _run_eval(self) -> dict[str, Any] | None:
+        """Recipe validation + revisitop mAP at this step, appended to ``eval.csv`` (None: neither)."""
+        row: dict[str, Any] = dict(self.recipe.validate(self))
+        self._train_mode()
         res = self.evaluate()
         if res is not None:
-            self._log_csv("eval.csv", {"step": self.step, "dataset": self.cfg.eval.name, **res})
+            row.update({"dataset": self.cfg.eval.name, **res})
             log.info("eval %s at step %d: E %.2f M %.2f H %.2f", self.cfg.eval.name, self.step,
                      res["easy"], res["medium"], res["hard"])
-        return res
+        if not row:
+            return None
+        row = {"step": self.step, **row}
+        self._log_csv("eval.csv", row)
+        log.info("evaluation at step %d: %s", self.step,
+                 {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        return row
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -532,11 +567,6 @@ def evaluate_revisitop(model: nn.Module, data_dir: str | os.PathLike, name: str,
 
     Decoded images are kept in ``cache`` (returned under ``"_cache"``) so periodic evaluation
     decodes them once."""
-    from irkit.data.revisitop import load_revisitop
-    from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
-    from irkit.extract import embed_arrays
-    from irkit.io.images import crop_bbx, load_image, resize_max_side
-
     cache = cache if cache is not None else {}
     key = f"{data_dir}|{name}|{max_side}"
     if cache.get("key") != key:
@@ -561,38 +591,10 @@ def evaluate_revisitop(model: nn.Module, data_dir: str | os.PathLike, name: str,
             "hard": float(res["hard"]["map"]), "_cache": cache}
 
 
-# ------------------------------------------------------------------------------------ loading back
-def load_trained(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> nn.Module:
-    """Rebuild the inference model exported by a training run (``model.safetensors`` + ``.json``),
-    including recipe-specific wrappers (R-MAC grid / proposals)."""
-    from irkit.models.checkpoints import load_irkit_checkpoint, load_strict
-    from irkit.models.registry import get_preset
-
-    state, config = load_irkit_checkpoint(path)
-    preset = get_preset(config["preset"])
-    base = preset.build(**config.get("options", {}))
-    base.preset_name = config["preset"]
-    model: nn.Module = base
-    if config.get("wrapper") == "RegionModel":
-        from irkit.nn.region_proposals import ProposalConfig
-        from irkit.train.recipes import RegionModel
-
-        pcfg = ProposalConfig(top_n=config["proposals_top_n"], sizes=tuple(config["anchor_sizes"]),
-                              ratios=tuple(config["anchor_ratios"]))
-        model = RegionModel(base, config["regions"], config["rmac_levels"], proposal_cfg=pcfg,
-                            feature_module=config["feature_module"])
-        model.preset_name = f"{config['preset']}+rmac-{config['regions']}"
-    load_strict(model, state, source=str(path))
-    model.weights_id = f"{Path(path).name}:step{config.get('step')}"
-    return model.eval().to(resolve_device(device))
-
-
 def train(recipe: str, overrides: Sequence[str] = (), resume: bool = False,
           config_file: str | os.PathLike | None = None,
           on_step: Callable[[Trainer, int], None] | None = None) -> dict[str, Any]:
     """Build the config, train, return the summary (the CLI and ``python -m irkit.train`` call this)."""
-    from irkit.train import distributed as D
-
     cfg = make_config(recipe, overrides, config_file)
     try:
         summary = Trainer(cfg, on_step=on_step).fit(resume=resume)

@@ -1,23 +1,27 @@
 """`irkit train RECIPE [key=value | KEY VALUE ...] [--resume] [--config FILE]`: train a retrieval model.
 
-Recipes and their defaults live in ``irkit/configs/<recipe>.yaml``; overrides use the dotted field
-names of :class:`irkit.train.trainer.TrainConfig` (case-insensitive, e.g. ``optim.lr=1e-4`` or
+Recipes are the registry of :mod:`irkit.train.recipes` (their defaults in
+``irkit/configs/<recipe>.yaml``); overrides use the dotted field names of
+:class:`irkit.train.trainer.TrainConfig` (case-insensitive, e.g. ``optim.lr=1e-4`` or
 ``OPTIM.LR 1e-4``). Under ``torchrun`` the same command runs DDP (``python -m irkit.train``).
+Every run writes ``metrics.csv``, ``eval.csv`` and ``learning_curve.png`` next to its checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from irkit.config import to_dict
 from irkit.errors import ConfigError
+from irkit.train.recipes import get_recipe, recipe_names
+from irkit.train.trainer import make_config, train
 
-#: kept here so building the CLI parser does not import torch-heavy training code
-RECIPE_NAMES = ("cvnet-global", "cfcd", "rmac-triplet", "gem-contrastive", "joint", "cvnet-rerank")
 _FLAGS = {"--resume": 0, "--config": 1, "--print-config": 0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help=f"one of: {', '.join(RECIPE_NAMES)}")
+    p.add_argument("recipe", help="; ".join(f"{n}: {get_recipe(n).summary}" for n in recipe_names()))
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="config overrides: key=value or KEY VALUE (e.g. steps=100 data.batch_size=8 "
                         "OPTIM.LR 1e-4); --resume / --config FILE may also appear among them")
@@ -27,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (recipes: cvnet-global, cfcd, rmac-triplet, ...)",
+    p = sub.add_parser("train", help=f"train a model (recipes: {', '.join(recipe_names())})",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
@@ -61,22 +65,14 @@ def split_flags(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from irkit.config import to_dict
-    from irkit.train.trainer import make_config, train
-
     args = split_flags(args)
-    if args.recipe == "cvnet-rerank":  # own loop on cached maps (frozen backbone): irkit/train/rerank.py
-        from irkit.train import rerank
-
-        if args.print_config:
-            print(json.dumps(rerank.config_dict(args.overrides, args.config), indent=2))
-            return 0
-        summary = rerank.train_rerank(args.overrides, resume=args.resume, config_file=args.config)
-        print(json.dumps(summary, indent=2, default=str))
-        return 0
     if args.print_config:
         print(json.dumps(to_dict(make_config(args.recipe, args.overrides, args.config)), indent=2))
         return 0
     summary = train(args.recipe, args.overrides, resume=args.resume, config_file=args.config)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    files = summary.get("files") or {}
+    for what in ("model", "metrics", "eval", "learning_curve"):
+        if files.get(what):
+            print(f"{what.replace('_', ' ')}: {files[what]}", file=sys.stderr)
     return 0

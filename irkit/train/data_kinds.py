@@ -1,0 +1,127 @@
+"""The registry of training-data kinds (``data.kind``): one place that knows how each is read.
+
+A kind turns the ``data`` section of a training config into a :class:`LabelledImages` (paths +
+integer labels). Label-free kinds (``synthetic``, ``scenes``) make every photo its own class and
+get their positives from random views; labelled kinds read a layout on disk. Config validation,
+the CLI's help and every recipe read this one table, so a new kind is one ``register_data_kind``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from irkit.data import training as T
+from irkit.data.photo_sources import locate_photo_pool
+from irkit.data.synthetic_pairs import photo_pool
+from irkit.errors import ConfigError
+from irkit.io.images import InputSpec
+
+__all__ = ["DataKind", "TrainData", "DATA_KINDS", "register_data_kind", "data_kind_names", "load_source",
+           "build_dataset"]
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """``load(cfg) -> (LabelledImages, description)``; ``label_free``: each photo is a class and its
+    positives are synthetic views of it."""
+
+    name: str
+    load: Callable[[Any], tuple[T.LabelledImages, str]]
+    label_free: bool
+    description: str
+
+
+@dataclass
+class TrainData:
+    """What a recipe trains on: an image dataset keyed ``(index, seed, slot)`` (None for recipes
+    that read ``source`` themselves), its labels, class count and a description for the log."""
+
+    dataset: Dataset | None
+    labels: np.ndarray
+    num_classes: int
+    description: str
+    source: T.LabelledImages
+    label_free: bool
+
+
+DATA_KINDS: dict[str, DataKind] = {}
+
+
+def register_data_kind(kind: DataKind) -> DataKind:
+    if kind.name in DATA_KINDS:
+        raise ValueError(f"data kind {kind.name!r} registered twice")
+    DATA_KINDS[kind.name] = kind
+    return kind
+
+
+def data_kind_names() -> list[str]:
+    return sorted(DATA_KINDS)
+
+
+def get_data_kind(name: str) -> DataKind:
+    if name not in DATA_KINDS:
+        raise ConfigError(f"data.kind must be one of {', '.join(data_kind_names())} (got {name!r})")
+    return DATA_KINDS[name]
+
+
+def _photos(paths: list[Path], desc: str) -> tuple[T.LabelledImages, str]:
+    return T.LabelledImages(list(paths), np.arange(len(paths)), len(paths)), desc
+
+
+def _synthetic(cfg) -> tuple[T.LabelledImages, str]:
+    D = cfg.data
+    if D.path and D.path != "auto":
+        return _photos(photo_pool(D.path, exclude=D.exclude), f"photos under {D.path}")
+    srcs = "auto" if list(D.photo_sources) in (["auto"], []) else list(D.photo_sources)
+    return _photos(locate_photo_pool(srcs, exclude=D.exclude), f"photos from photo sources {D.photo_sources}")
+
+
+def _scenes(cfg) -> tuple[T.LabelledImages, str]:
+    D = cfg.data
+    folder = Path(D.path or Path(cfg.out_dir) / "scenes")
+    return _photos(T.synthetic_scenes(folder, D.num_scenes, size=max(256, D.image_size), seed=cfg.seed),
+                   f"generated scenes in {folder}")
+
+
+for _kind in (
+    DataKind("synthetic", _synthetic, True, "label-free: photos (data.path, or data.photo_sources when "
+             "'auto'), views of one photo are positives"),
+    DataKind("scenes", _scenes, True, "label-free: data.num_scenes generated textured scenes"),
+    DataKind("gldv2", lambda c: (T.gldv2_clean(c.data.path, c.data.image_root, min_images=c.data.min_images,
+                                               max_classes=c.data.max_classes), f"gldv2 {c.data.path}"),
+             False, "GLDv2-clean train_clean.csv (data.path) + image root (data.image_root)"),
+    DataKind("pairs", lambda c: (T.pairs_csv(c.data.path, c.data.image_root or None), f"pairs {c.data.path}"),
+             False, "CSV query,positive,cluster (SfM-120k style)"),
+    DataKind("sfm120k", lambda c: (T.sfm120k_pickle(c.data.path, c.data.image_root, c.data.split),
+                                   f"sfm120k {c.data.path}"), False, "cirtorch retrieval-SfM-120k.pkl"),
+    DataKind("folder", lambda c: (T.folder_per_class(c.data.path), f"folder {c.data.path}"), False,
+             "one sub-folder per class"),
+):
+    register_data_kind(_kind)
+
+
+def load_source(cfg) -> tuple[T.LabelledImages, bool, str]:
+    """(images with labels, label-free?, description) of ``cfg.data``; ``data.max_classes`` keeps the
+    first classes (gldv2 applies it while reading)."""
+    kind = get_data_kind(cfg.data.kind)
+    data, desc = kind.load(cfg)
+    m = cfg.data.max_classes
+    if m and kind.name != "gldv2" and data.num_classes > m:
+        keep = np.flatnonzero(data.labels < m)
+        data = T.LabelledImages([data.paths[i] for i in keep], data.labels[keep], m,
+                                [data.boxes[i] for i in keep], data.class_names[:m])
+    return data, kind.label_free, f"{len(data)} images in {data.num_classes} classes ({desc})"
+
+
+def build_dataset(cfg, spec: InputSpec) -> TrainData:
+    """The image dataset of ``cfg.data`` for recipes that train on image batches."""
+    data, label_free, desc = load_source(cfg)
+    if label_free:
+        ds: Dataset = T.SyntheticViewSet(data.paths, cfg.data.image_size, spec)
+    else:
+        ds = T.AugmentedImages(data, cfg.data.image_size, spec)
+    return TrainData(ds, data.labels, data.num_classes, desc, data, label_free)
