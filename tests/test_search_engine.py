@@ -42,11 +42,19 @@ def test_search_ranks_the_image_itself_first_and_matches_brute_force(store_dir: 
     q = engine.embed(np.asarray(Image.open(query).convert("RGB")))
     brute = engine.store.descriptors() @ q
     assert [h["id"] for h in hits] == [engine.store.ids[i] for i in np.argsort(-brute, kind="stable")]
-    expanded = engine.search_file(query, k=8, qe="alpha", qe_k=2)
-    assert {h["id"] for h in expanded} == {h["id"] for h in hits}
+    # alpha-QE, checked against the formula: q' = L2(q + sum_i max(s_i, 0)^3 x_i) over the top 2
+    db = engine.store.descriptors()
+    top = np.argsort(-brute, kind="stable")[:2]
+    q2 = q + ((np.maximum(brute[top], 0) ** 3)[:, None] * db[top]).sum(0)
+    q2 /= np.linalg.norm(q2)
+    expanded = engine.search_file(query, k=5, qe="alpha", qe_k=2)
+    assert [h["id"] for h in expanded] == [engine.store.ids[i] for i in np.argsort(-(db @ q2), kind="stable")[:5]]
+    np.testing.assert_allclose([h["score"] for h in expanded], np.sort(db @ q2)[::-1][:5], atol=1e-5)
+    assert {h["stage"] for h in expanded} == {"qe"} and {h["stage"] for h in hits} == {"global"}
     # spatial re-ranking of the shortlist: final = global + lambda * inlier score, top stays exact
     reranked = engine.search_file(query, k=3, rerank="spatial", topk=4, lam=0.5)
     assert reranked[0]["id"] == "scene2_1" and reranked[0]["score"] >= reranked[0]["global"]
+    assert reranked[0]["stage"] == "spatial"
 
 
 def test_rescore_makes_a_quantised_index_exact(store_dir: Path, capsys) -> None:

@@ -1,24 +1,74 @@
-"""Searching a feature store from Python or the CLI: the store's own model (checked against the
-config the store was built with), its faiss index, query expansion and re-ranking of the shortlist."""
+"""The one search engine: a feature store, the model that built it, and the store's index.
+
+``irkit search``, the Python API (``irkit.SearchEngine``) and the HTTP service all search through
+this class, so the same query with the same options gives the same ids and scores everywhere. The
+steps, each implemented once elsewhere and only called here: embed (``irkit.extract``), query
+expansion (``irkit.search.qe``), search (``irkit.search.index.Index``, opened by ``open_index``),
+re-ranking (``irkit.search.rerank``: CVNet or spatial verification) and the mix of scores.
+The service adds only what a service needs around it (auth, limits, locking, uploads, the page).
+"""
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from irkit.errors import ConfigError, StoreError
-from irkit.extract import embed_arrays, model_config
+from irkit.extract import check_scales, embed_tensors, model_config, scaled_inputs
 from irkit.io.images import crop_bbx, load_image
 from irkit.models.base import GlobalModel
+from irkit.models.registry import build_model
+from irkit.ranking import Ranking
+from irkit.search import qe as qe_mod
+from irkit.search.index import Index
+from irkit.search.indexing import open_index
+from irkit.search.rerank import CVNetScorer, rerank
+from irkit.search.spatial import FileSpatialScorer, SpatialVerifier
+from irkit.store import FeatureStore, config_hash
 
 log = logging.getLogger(__name__)
 
+QE_METHODS = ("none", "aqe", "alpha")
+RERANK_METHODS = ("none", "cvnet", "spatial")
+
+
+@dataclass
+class SearchOptions:
+    """How one search runs; the defaults are those of every caller (CLI, API, HTTP).
+
+    ``qe``: none | aqe | alpha over the ``qe_k`` nearest neighbours (``qe_alpha`` for alpha-QE);
+    ``rerank``: none | cvnet | spatial on the first ``topk`` results, final = global + ``lam`` *
+    re-rank score; ``rescore`` > 0: an approximate index's top ``rescore`` re-scored exactly."""
+
+    k: int = 100
+    qe: str = "none"
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    rerank: str = "none"
+    topk: int = 100
+    lam: float = 0.5
+    rescore: int = 0
+
+    def __post_init__(self) -> None:
+        if self.qe not in QE_METHODS:
+            raise ConfigError(f"unknown query expansion {self.qe!r}; use one of {QE_METHODS}")
+        if self.rerank not in RERANK_METHODS:
+            raise ConfigError(f"unknown re-ranking {self.rerank!r}; use one of {RERANK_METHODS}")
+        for name in ("k", "topk"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.qe_k < 0 or self.rescore < 0 or self.qe_alpha < 0:
+            raise ConfigError("qe_k, qe_alpha and rescore must be >= 0")
+        if not np.isfinite(self.lam):
+            raise ConfigError(f"lambda must be a finite number, got {self.lam}")
+
 
 class _ShortlistScorer:
-    """Adapts a scorer over store rows to the re-rank pipeline run on a shortlist."""
+    """Adapts a scorer over store rows to the re-rank pipeline run on one query's shortlist."""
 
     def __init__(self, inner: Any, rows: np.ndarray) -> None:
         self.inner, self.rows = inner, rows
@@ -27,114 +77,228 @@ class _ShortlistScorer:
         return self.inner.score(query, self.rows[np.asarray(candidates)])
 
 
-class _SpatialStoreScorer:
-    """Spatial verification of a query image against store rows (their image files)."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        from irkit.search.spatial import SpatialVerifier
-
-        self.paths = paths
-        self.verifier = SpatialVerifier()
-
-    def score(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        from irkit.search.spatial import inlier_score
-
-        fq = self.verifier.features(query)
-        return inlier_score(self.verifier.score_candidates(fq, [self.verifier.features(self.paths[i]) for i in candidates]))
-
-
 class SearchEngine:
-    """A store, the model that built it, and its index."""
+    """A store, the model that built it, and its index (see the module docstring)."""
 
-    def __init__(self, store: Any, model: GlobalModel, index: Any) -> None:
+    def __init__(self, store: FeatureStore, model: GlobalModel, index: Index) -> None:
         self.store, self.model, self.index = store, model, index
-        config = store.meta.get("config", {})
-        self.scales = tuple(config.get("scales") or model.default_scales)
+        self.scales = check_scales((store.meta.get("config") or {}).get("scales"), model)
+        self.with_maps = bool(store.has_maps or (store.meta.get("config") or {}).get("rerank_maps"))
+        self._cvnet: CVNetScorer | None = None
+        self._spatial: FileSpatialScorer | None = None
+        self._scorer_lock = threading.Lock()  # the scorers' caches are not thread-safe
 
     @classmethod
     def open(cls, store_dir: str | Path, weights: str | Path | None = None, device: str | None = "cpu",
-             factory: str = "Flat", model: GlobalModel | None = None) -> "SearchEngine":
-        """Open ``store_dir``; build its model preset (with ``weights``) unless ``model`` is given, and
-        refuse a model whose configuration differs from the one that built the store."""
-        from irkit.models.registry import build_model
-        from irkit.search.index import load_or_build
-        from irkit.store import FeatureStore, config_hash
+             factory: str | None = None, model: GlobalModel | None = None, check_config: bool = True) -> "SearchEngine":
+        """Open ``store_dir`` and its index (the one saved there; ``factory`` asks for another).
 
+        Builds the store's model preset (with ``weights``) unless ``model`` is given, and refuses a
+        model whose configuration differs from the one that built the store."""
         store = FeatureStore.open(store_dir)
-        if len(store) == 0:
-            raise StoreError(f"store {store_dir} is empty; run `irkit extract` first")
         if model is None:
             model = build_model(store.meta["model"], weights=weights, device=device)
-        stored = store.meta.get("config", {})
-        mine = model_config(model, stored.get("scales") or model.default_scales, stored.get("rerank_maps", False))
-        if config_hash(mine) != store.meta.get("config_hash"):
-            raise StoreError(f"store {store_dir} was built with {stored.get('preset')} weights "
-                             f"{stored.get('weights')}, but the model given is {mine.get('preset')} with weights "
-                             f"{mine.get('weights')}; pass the same --weights the store was extracted with")
-        return cls(store, model, load_or_build(store, factory))
+        check_model(store, model, check_config)
+        index = _empty_or_open(store, factory)
+        return cls(store, model, index)
 
+    # ------------------------------------------------------------------ embedding
     def embed(self, img: np.ndarray, box: Sequence[float] | None = None) -> np.ndarray:
-        """Descriptor [D] of a uint8 RGB image (cropped to ``box`` first), at the store's scales."""
+        """Descriptor [D] of a uint8 RGB image (cropped to ``box`` first) at the store's scales."""
+        return self.embed_with_map(crop_bbx(img, box) if box is not None else img, with_map=False)[0]
+
+    def embed_with_map(self, img: np.ndarray, with_map: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Descriptor [D] and, when ``with_map``, the re-rank map of the scale-1 input (as extraction
+        stores them), from one forward pass per scale."""
+        map_index = None
+        if with_map:
+            map_index = next((i for i, s in enumerate(self.scales) if abs(s - 1.0) < 1e-9), None)
+            if map_index is None:
+                raise ConfigError("CVNet re-ranking needs the scale 1.0 among the store's scales")
+        desc, maps = embed_tensors(self.model, [scaled_inputs(self.model, img, self.scales)],
+                                   with_maps=with_map, map_scale_index=map_index)
+        return desc[0], (maps[0] if maps else None)
+
+    # ------------------------------------------------------------------ search
+    def search(self, img: np.ndarray | None = None, k: int | None = None, *, id: str | None = None,
+               box: Sequence[float] | None = None, options: SearchOptions | None = None,
+               **kwargs: Any) -> list[dict[str, Any]]:
+        """Ranked hits ``{"id", "path", "score", "global", "stage"}`` for one query: an image (uint8
+        RGB) or the ``id`` of an indexed image, optionally cropped to ``box``. Options are a
+        :class:`SearchOptions` or its fields as keywords."""
+        opts = options or SearchOptions(**kwargs)
+        if options is not None and kwargs:
+            raise ConfigError("give options either as SearchOptions or as keywords, not both")
+        if k is not None:
+            opts = SearchOptions(**{**asdict(opts), "k": k})
+        if (img is None) == (id is None):
+            raise ConfigError("give one query: an image or the id of an indexed image")
+        if opts.rerank == "cvnet":
+            self._check_cvnet()
+        if id is not None:
+            row = self.row_of(id)
+            if box is None:  # the stored descriptor and map: no need to run the model
+                qmap = self.store.get_map(row) if opts.rerank == "cvnet" else None
+                image = self._image_of(row) if opts.rerank == "spatial" else None
+                return self.search_descriptor(self.store.take([row])[0], opts, query_image=image, query_map=qmap)
+            img = self._image_of(row)
         if box is not None:
             img = crop_bbx(img, box)
-        return embed_arrays(self.model, [img], self.scales)[0]
+        qdesc, qmap = self.embed_with_map(img, with_map=opts.rerank == "cvnet")
+        return self.search_descriptor(qdesc, opts, query_image=img, query_map=qmap)
 
-    def search(self, img: np.ndarray, k: int = 100, *, box: Sequence[float] | None = None, qe: str = "none",
-               qe_k: int = 2, qe_alpha: float = 3.0, rerank: str = "none", topk: int = 100,
-               lam: float = 0.5, rescore: int = 0) -> list[dict[str, Any]]:
-        """Ranked hits ``{"id", "path", "score", "global"}`` for one query image.
-
-        ``rescore`` > 0: an approximate (e.g. IVF-PQ) index returns that many candidates, re-scored
-        exactly with the store's descriptors (recovers the quantisation loss; no effect on Flat)."""
-        from irkit.search import qe as qe_mod
-
-        if box is not None:
-            img = crop_bbx(img, box)
-        q = embed_arrays(self.model, [img], self.scales)
-        if qe != "none" and qe_k > 0:
+    def search_descriptor(self, qdesc: np.ndarray, options: SearchOptions | None = None, *,
+                          query_image: np.ndarray | None = None, query_map: np.ndarray | None = None
+                          ) -> list[dict[str, Any]]:
+        """The steps after embedding: QE, index search, re-ranking, mixing, sorting."""
+        opts = options or SearchOptions()
+        if len(self.index) == 0:
+            return []
+        q = np.asarray(qdesc, np.float32).reshape(1, -1)
+        used_qe = opts.qe != "none" and opts.qe_k > 0
+        if used_qe:
+            kq = min(opts.qe_k, len(self.index))
+            neighbours = self.index.search(q, kq)
             db = self.store.descriptors()
-            q = qe_mod.aqe(q, db, qe_k) if qe == "aqe" else qe_mod.alpha_qe(q, db, qe_k, qe_alpha)
-        depth = min(max(k, topk if rerank != "none" else 0), len(self.store))
-        scores, rows = self.index.search(q, depth, rescore=rescore > 0, rescore_k=rescore)
+            q = (qe_mod.aqe(q, db, kq, neighbours=neighbours) if opts.qe == "aqe"
+                 else qe_mod.alpha_qe(q, db, kq, opts.qe_alpha, neighbours=neighbours))
+        depth = min(max(opts.k, opts.topk if opts.rerank != "none" else 0), len(self.index))
+        scores, rows = self.index.search(q, depth, rescore=opts.rescore > 0, rescore_k=opts.rescore)
         keep = rows[0] >= 0
-        scores, rows = scores[0][keep], rows[0][keep]
-        final = scores.astype(np.float64)
-        if rerank != "none" and len(rows):
-            final = self._rerank(img, scores, rows, rerank, topk, lam)
-        order = np.argsort(-final, kind="stable")[:k]
+        scores, rows = scores[0][keep].astype(np.float64), rows[0][keep]
+        final, stage = scores.copy(), np.full(len(rows), "qe" if used_qe else "global", dtype=object)
+        order = np.arange(len(rows))
+        if opts.rerank != "none" and len(rows):
+            order, final, scored = self._rerank(scores, rows, opts, query_image, query_map)
+            stage[list(scored)] = opts.rerank
         ids, paths = self.store.ids, self.store.paths
-        return [{"id": ids[rows[i]], "path": paths[rows[i]], "score": float(final[i]), "global": float(scores[i])}
-                for i in order]
+        return [{"id": ids[rows[i]], "path": paths[rows[i]], "score": float(final[i]),
+                 "global": float(scores[i]), "stage": str(stage[i])} for i in order[:opts.k]]
 
-    def search_file(self, path: str | Path, k: int = 100, **options: Any) -> list[dict[str, Any]]:
+    def _rerank(self, scores: np.ndarray, rows: np.ndarray, opts: SearchOptions, image: np.ndarray | None,
+                qmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+        """(order, final scores, {shortlist position: re-rank score}) from the shared re-rank pipeline."""
+        if opts.rerank == "cvnet":
+            if qmap is None:
+                raise ConfigError("CVNet re-ranking needs the query's re-rank map")
+            query, inner = qmap, self._cvnet_scorer()
+        else:
+            if image is None:
+                raise ConfigError("spatial verification needs the query image")
+            query, inner = image, self._spatial_scorer()
+        with self._scorer_lock:
+            out = rerank(scores[None].astype(np.float32), _ShortlistScorer(inner, rows), k=opts.topk,
+                         lam=opts.lam, queries=[query])
+        final = scores.copy()
+        for pos, value in out.scored[0].items():
+            final[pos] += opts.lam * value
+        return out.ranks["plain"][:, 0], final, out.scored[0]
+
+    def _check_cvnet(self) -> None:
+        reason = self.cvnet_unavailable()
+        if reason:
+            raise ConfigError(reason)
+
+    def cvnet_unavailable(self) -> str:
+        """Why CVNet re-ranking cannot run on this engine ("" when it can)."""
+        if getattr(self.model, "reranker", None) is None or not self.model.has_rerank_map:
+            return (f"model {self.model.preset_name!r} has no CVNet re-ranker; use a cvnet-* preset "
+                    "(e.g. cvnet-r50) over a store extracted with --maps, or --rerank spatial")
+        if not (self.with_maps and self.store.has_maps):
+            return (f"the store was extracted without re-rank maps; re-extract it with --maps to re-rank "
+                    f"with {self.model.preset_name!r}")
+        return ""
+
+    def _cvnet_scorer(self) -> CVNetScorer:
+        if self._cvnet is None:
+            self._cvnet = CVNetScorer(self.model.reranker, self.store, cache_bytes=256 << 20)
+        return self._cvnet
+
+    def _spatial_scorer(self) -> FileSpatialScorer:
+        if self._spatial is None:
+            self._spatial = FileSpatialScorer([], self.store.paths, verifier=SpatialVerifier(cache_size=512))
+        self._spatial.db_paths = self.store.paths
+        return self._spatial
+
+    def search_file(self, path: str | Path, k: int | None = None, **options: Any) -> list[dict[str, Any]]:
         return self.search(load_image(path), k, **options)
 
-    def _rerank(self, img: np.ndarray, scores: np.ndarray, rows: np.ndarray, method: str, topk: int,
-                lam: float) -> np.ndarray:
-        """Final scores of the shortlist: global + lam * rerank for its first ``topk`` entries."""
-        from irkit.search.rerank import rerank
+    def search_files(self, paths: Sequence[str | Path], options: SearchOptions | None = None,
+                     query_ids: Sequence[str] | None = None,
+                     boxes: Sequence[Sequence[float] | None] | None = None) -> Ranking:
+        """Search several query files; the :class:`~irkit.ranking.Ranking` (query id = file stem)."""
+        opts = options or SearchOptions()
+        ids = list(query_ids) if query_ids is not None else [Path(p).stem for p in paths]
+        boxes = list(boxes) if boxes is not None else [None] * len(paths)
+        hits = [self.search(load_image(p), box=b, options=opts) for p, b in zip(paths, boxes)]
+        return Ranking.from_hits(ids, hits, {"store": str(self.store.root), "model": self.model.preset_name,
+                                             "options": asdict(opts), "index": self.index.factory})
 
-        if method == "cvnet":
-            query = self._query_map(img)
-            from irkit.search.rerank import CVNetScorer
+    # ------------------------------------------------------------------ rows and images
+    def row_of(self, image_id: str) -> int:
+        if image_id not in self.store:
+            raise StoreError(f"no indexed image has id {image_id!r}")
+        return self.store.index_of(image_id)
 
-            inner = CVNetScorer(self.model.reranker, self.store)
-        elif method == "spatial":
-            query, inner = img, _SpatialStoreScorer(self.store.paths)
-        else:
-            raise ConfigError(f"unknown re-ranking {method!r}; use none, cvnet or spatial")
-        out = rerank(scores[None].astype(np.float32), _ShortlistScorer(inner, rows), k=topk, lam=lam,
-                     queries=[query])
-        final = scores.astype(np.float64)
-        for sub, value in out.scored[0].items():
-            final[sub] += lam * value
-        return final
+    def _image_of(self, row: int) -> np.ndarray:
+        return load_image(self.store.paths[row])
 
-    @torch.inference_mode()
-    def _query_map(self, img: np.ndarray) -> np.ndarray:
-        if getattr(self.model, "reranker", None) is None or not self.store.has_maps:
-            raise ConfigError("CVNet re-ranking needs a cvnet-* model and a store extracted with --maps")
-        from irkit.extract import scaled_inputs
+    # ------------------------------------------------------------------ writes
+    def add(self, ids: Sequence[str], paths: Sequence[str], descriptors: np.ndarray,
+            maps: Sequence[np.ndarray] | None = None) -> None:
+        """Commit to the store (durable first), then add to the index by id: no rebuild, no retraining."""
+        self.store.add(ids, paths, descriptors, maps=maps if self.with_maps else None)
+        self.index.add(np.asarray(descriptors, np.float32), list(ids))
 
-        x = scaled_inputs(self.model, img, (1.0,))[0][None].to(next(self.model.parameters()).device)
-        return self.model.rerank_map(x)[0].float().cpu().numpy()
+    def remove(self, ids: Sequence[str]) -> None:
+        """Remove from the store, then from the index (by id); cached maps keyed by row are dropped."""
+        self.store.remove(ids)
+        self.index.remove(list(ids))
+        with self._scorer_lock:
+            if self._cvnet is not None:
+                self._cvnet.clear_cache()
+
+    def save_index(self) -> None:
+        """Persist the index beside the store (the service calls it; the store stays the truth)."""
+        path = self.index.meta.get("path")
+        if path:
+            try:
+                self.index.save(path, store=self.store)
+            except OSError as exc:
+                log.warning("cannot save the index to %s (%s); it is rebuilt from the store next time", path, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"store": str(self.store.root), "images": len(self.store), "model": self.model.preset_name,
+                "scales": list(self.scales), "index": self.index.describe()}
+
+
+def check_model(store: FeatureStore, model: GlobalModel, check_config: bool = True) -> None:
+    """StoreError unless ``model`` is the preset (and configuration) that built ``store``."""
+    meta = store.meta
+    if meta.get("model") != model.preset_name:
+        raise StoreError(f"store {store.root} was extracted with model {meta.get('model')!r}, not "
+                         f"{model.preset_name!r}; use --model {meta.get('model')}")
+    if not check_config:
+        return
+    stored = meta.get("config") or {}
+    mine = model_config(model, check_scales(stored.get("scales"), model), bool(stored.get("rerank_maps")))
+    if config_hash(mine) != meta.get("config_hash"):
+        diff = sorted(k for k in set(mine) | set(stored) if mine.get(k) != stored.get(k))
+        raise StoreError(f"store {store.root} was extracted with another configuration of {model.preset_name} "
+                         f"(differs in {', '.join(diff) or 'hash'}: weights {stored.get('weights')} vs "
+                         f"{mine.get('weights')}); use the same --weights and scales it was extracted with")
+
+
+def _empty_or_open(store: FeatureStore, factory: str | None) -> Index:
+    """The store's index; an empty store gets an empty exact index keyed by id (filled by ``add``:
+    a trained index type needs vectors to train on, so build it with `irkit index` once there are some)."""
+    if len(store):
+        return open_index(store, factory)
+    if factory not in (None, "Flat"):
+        log.warning("store %s is empty: serving an exact (Flat) index instead of %r", store.root, factory)
+    index = Index(Index.create(store.dim, "Flat"), "Flat", key_mode="id")
+    index.attach(store)
+    return index
+
+
+__all__ = ["SearchEngine", "SearchOptions", "check_model", "QE_METHODS", "RERANK_METHODS"]

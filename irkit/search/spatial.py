@@ -394,7 +394,7 @@ def inlier_score(inliers: np.ndarray | float, floor: float = 10.0, cap: float = 
 
 class FileSpatialScorer:
     """The re-rank pipeline's scorer for images on disk: query ``j`` is ``query_paths[j]`` (cropped to
-    ``query_boxes[j]``), candidates are rows of ``db_paths``; score = :func:`inlier_score`.
+    ``query_boxes[j]``) or an image array, candidates are rows of ``db_paths``; score = :func:`inlier_score`.
     Database features are cached for the whole run, since top-k lists of queries overlap."""
 
     def __init__(self, query_paths: Sequence[str], db_paths: Sequence[str],
@@ -413,7 +413,8 @@ class FileSpatialScorer:
             img = crop_bbx(img, self.query_boxes[j])
         return self.verifier.features(img)
 
-    def score(self, query: int, candidates: np.ndarray) -> np.ndarray:
-        fq = self._query(int(query))
+    def score(self, query: int | np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """``query``: index into ``query_paths``, or the query image itself (uint8 RGB, already cropped)."""
+        fq = self.verifier.features(query) if isinstance(query, np.ndarray) else self._query(int(query))
         inliers = self.verifier.score_candidates(fq, [self.verifier.features(self.db_paths[int(i)]) for i in candidates])
         return inlier_score(inliers, self.floor, self.cap)

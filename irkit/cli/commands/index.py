@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from irkit.search.index import build_index, default_index_path
+    from irkit.search.index import default_index_path
+    from irkit.search.indexing import build_index
     from irkit.store import FeatureStore
 
     store = FeatureStore.open(args.store)
