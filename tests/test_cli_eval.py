@@ -86,3 +86,21 @@ def test_errors(files, capsys):
         assert code == 1, argv
         assert err.startswith("irkit eval: error:") and msg in err, (argv, err)
         assert "Traceback" not in err and out == ""
+
+
+def test_top_k_ranks_file(files, capsys):
+    tmp, g, _ = files
+    top = tmp / "top3.npy"
+    np.save(top, RANKS[:3])                                  # each query's top 3 of 6
+    code, out, _ = _run(capsys, ["eval", "--gnd", str(g), "--ranks", str(top), "--json"])
+    assert code == 0
+    # q0 top-3 = 3 0 5, Easy positives {0, 2}: 0 at rank 1 -> AP (0/1 + 1/2) / 2 / 2 = 0.125; q1: AP 1
+    assert json.loads(out)["easy"]["map"] == pytest.approx((12.5 + 100) / 2)
+    bad = tmp / "bad.npy"
+    arr = RANKS[:3].copy()
+    arr[2, 1] = 6                                            # no image 6 in a 6-image database
+    np.save(bad, arr)
+    code, _, err = _run(capsys, ["eval", "--gnd", str(g), "--ranks", str(bad)])
+    assert code == 1 and "database index 6 (query 1, rank 2) but the database has 6 images" in err
+    code, out, _ = _run(capsys, ["eval", "--gnd", str(g), "--ranks", str(bad), "--n-distractors", "10", "--json"])
+    assert code == 0 and json.loads(out)["easy"]["map"] == pytest.approx((12.5 + 100) / 2)

@@ -268,23 +268,42 @@ def test_property_moving_positive_down_never_raises_ap(data, extra):
 GND = [{"bbx": None, "easy": [0], "hard": [1], "junk": [2]}] * 2
 
 
-@pytest.mark.parametrize("ranks, match", [
-    (np.arange(4), "2-D"),
-    (np.zeros((4, 2, 1), dtype=int), "2-D"),
-    (np.array([[0, 1, 2, 3]] * 2, dtype=float).T, "integer"),
-    (np.array([[0, 1, 2, 3]] * 2, dtype=bool).T, "integer"),
-    (np.array([[0, 1, 2, 3]] * 3).T, "2 queries"),
-    (np.array([[0, 1, 2, 3]] * 2), "query-major"),
-    (np.array([[0, 1, 2, 4], [0, 1, 2, 3]]).T, "outside"),
-    (np.array([[0, 1, -1, 3], [0, 1, 2, 3]]).T, "outside"),
-    (np.array([[0, 1, 1, 3], [0, 1, 2, 3]]).T, "repeats"),
-    (np.zeros((0, 2), dtype=int), "empty"),
-    (np.array([[0, 1], [1, 0]]), "refers to database index"),
-    ([[0, 1, 2, 3]], "numpy array"),
+@pytest.mark.parametrize("ranks, n_db, match", [
+    (np.arange(4), None, "2-D"),
+    (np.zeros((4, 2, 1), dtype=int), None, "2-D"),
+    (np.array([[0, 1, 2, 3]] * 2, dtype=float).T, None, "integer"),
+    (np.array([[0, 1, 2, 3]] * 2, dtype=bool).T, None, "integer"),
+    (np.array([[0, 1, 2, 3]] * 3).T, None, "2 queries"),
+    (np.array([[0, 1, 2, 3]] * 2), None, "query-major"),
+    (np.array([[0, 1, 2, 4], [0, 1, 2, 3]]).T, 4, r"database index 4 \(query 0, rank 3\) but the database has 4"),
+    (np.array([[1, 2, 3, 4], [0, 1, 2, 3]]).T, 4, "1-based"),
+    (np.array([[0, 1, -1, 3], [0, 1, 2, 3]]).T, None, "negative index -1"),
+    (np.array([[0, 1, 1, 3], [0, 1, 2, 3]]).T, None, "repeats database index 1"),
+    (np.array([[0, 1, 1], [0, 1, 2]]).T, 10, "repeats"),                  # top-k too
+    (np.zeros((0, 2), dtype=int), None, "empty"),
+    (np.array([[0, 1, 2, 3, 4]] * 2).T, 4, "5 rows but the database has 4"),
+    (np.array([[0, 1], [1, 0]]), 2, "refers to database index 2"),
+    ([[0, 1, 2, 3]], None, "numpy array"),
 ])
-def test_ranking_validation(ranks, match):
+def test_ranking_validation(ranks, n_db, match):
     with pytest.raises(RankingError, match=match):
-        evaluate_ranks(ranks, GND)
+        evaluate_ranks(ranks, GND, n_db=n_db)
+
+
+def test_top_k_is_accepted_and_db_size_comes_from_the_ground_truth():
+    whole = {"imlist": [f"d{i}" for i in range(150)], "qimlist": ["q0", "q1"], "gnd": GND}
+    top = np.array([[399, 0, 7], [1, 2, 0]]).T                               # the case
+    with pytest.raises(RankingError, match="database index 399 .* the database has 150 images"):
+        evaluate_ranks(top, whole)
+    top[0, 0] = 149
+    res = evaluate_ranks(top, whole)                                         # depth 3 of 150
+    # q0: ranking 149 0 7: easy positive 0 at rank 1, hard 1 absent; q1: 1 2 0
+    # AP term of a positive at adjusted rank 1, found first: (0/1 + 1/2) / 2 = 0.25
+    assert res["easy"]["aps"][0] == pytest.approx(25.0)
+    assert res["medium"]["aps"][0] == pytest.approx(12.5)                    # 1 of 2 positives found
+    # mP@5, medium: q0 one-based [2] -> kq 2 -> 1/2; q1 (junk 2 removed) [1, 2] -> kq 2 -> 2/2
+    assert res["medium"]["mp@5"] == pytest.approx(100 * (1 / 2 + 1) / 2)
+    assert evaluate_ranks(top, GND)["medium"]["map"] == res["medium"]["map"]     # same without n_db
 
 
 def test_ranks_from_scores_descending_and_stable():

@@ -5,20 +5,21 @@ from the ranking, AP uses the trapezoidal precision of each positive, queries wi
 are excluded from the means (their AP is reported as NaN). All values are percentages.
 
 The core, :func:`evaluate_positions`, only needs the 0-based positions of the positives and of
-the ignored images of each query in its full ranking, so a streaming evaluator (+1M distractors,
-rankings never materialised) can feed it. :func:`evaluate_ranks` builds those positions from a
-full ranking with one inverse permutation per query: O(n_db) numpy work per query, no Python
-loop over the database.
+the ignored images of each query in its ranking, so a streaming evaluator (+1M distractors,
+rankings never materialised) can feed it. :func:`evaluate_ranks` builds those positions from
+rankings of any depth (top-k or full; positives beyond the depth count as not retrieved, as in
+the official ``compute_map``) with one scatter per query: O(depth) numpy work per query, no
+Python loop over the database.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from irkit.errors import RankingError
+from irkit.errors import ConfigError, RankingError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ DEFAULT_KAPPAS = (1, 5, 10)
 
 
 def protocol_sets(entry: dict, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, ignored) database indices of one gnd entry under ``protocol`` (unique, sorted)."""
+    """(positives, ignored) database indices of one gnd entry under ``protocol`` (unique, sorted):
+    Easy = easy / junk + hard, Medium = easy + hard / junk, Hard = hard / junk + easy."""
     easy = np.asarray(entry["easy"], dtype=np.int64)
     hard = np.asarray(entry["hard"], dtype=np.int64)
     junk = np.asarray(entry["junk"], dtype=np.int64)
@@ -38,7 +40,7 @@ def protocol_sets(entry: dict, protocol: str) -> tuple[np.ndarray, np.ndarray]:
     elif protocol == "hard":
         pos, ign = hard, np.concatenate([junk, easy])
     else:
-        raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+        raise ConfigError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
     return np.unique(pos), np.unique(ign)
 
 
@@ -124,11 +126,15 @@ def evaluate_positions(pos_ranks: Sequence[np.ndarray], ign_ranks: Sequence[np.n
 
 
 def check_ranks(ranks: np.ndarray, n_queries: int | None = None, n_db: int | None = None) -> np.ndarray:
-    """Validate a full ranking [n_db, n_q]: integer, in range, each column a permutation."""
+    """Validate rankings [depth, n_q] of any depth: 2-D, integer, non-empty, indices >= 0 and, when
+    the database size ``n_db`` is known, below it (and the depth at most ``n_db``).
+
+    Distinct indices per column are checked by :func:`evaluate_ranks` (it builds the inverse anyway).
+    """
     if not isinstance(ranks, np.ndarray):
         raise RankingError(f"ranks must be a numpy array, got {type(ranks).__name__}")
     if ranks.ndim != 2:
-        raise RankingError(f"ranks must be 2-D [n_db, n_queries], got shape {ranks.shape}")
+        raise RankingError(f"ranks must be 2-D [depth, n_queries], got shape {ranks.shape}")
     if ranks.dtype.kind not in "iu":
         hint = " (these look like scores: use ranks_from_scores / --scores)" if ranks.dtype.kind == "f" else ""
         raise RankingError(f"ranks must hold integer database indices, got dtype {ranks.dtype}{hint}")
@@ -136,65 +142,93 @@ def check_ranks(ranks: np.ndarray, n_queries: int | None = None, n_db: int | Non
     if n_queries is not None and cols != n_queries:
         flip = " (it looks query-major: transpose it, or pass --query-major)" if rows == n_queries else ""
         raise RankingError(f"ranks has shape {ranks.shape} but the ground truth has {n_queries} queries; "
-                           f"expected [n_db, {n_queries}]{flip}")
-    if n_db is not None and rows != n_db:
-        raise RankingError(f"ranks has {rows} rows but the database has {n_db} images; each column must rank "
-                           "the whole database")
+                           f"expected [depth, {n_queries}]{flip}")
     if rows == 0 or cols == 0:
-        raise RankingError(f"ranks is empty (shape {ranks.shape}): need [n_db, n_queries] with both > 0")
-    lo, hi = int(ranks.min()), int(ranks.max())
-    if lo < 0 or hi >= rows:
-        raise RankingError(f"ranks holds index {lo if lo < 0 else hi}, outside [0, {rows}); indices are 0-based "
+        raise RankingError(f"ranks is empty (shape {ranks.shape}): need [depth, n_queries] with both > 0")
+    if n_db is not None and rows > n_db:
+        raise RankingError(f"ranks has {rows} rows but the database has {n_db} images; a ranking lists each "
+                           "database image at most once (distractors appended to the database count in n_db)")
+    lo = int(ranks.min())
+    if lo < 0:
+        r, q = np.argwhere(ranks == lo)[0]
+        raise RankingError(f"ranks holds the negative index {lo} (query {q}, rank {r}); indices are 0-based "
                            "positions in the database")
+    hi = int(ranks.max())
+    if n_db is not None and hi >= n_db:
+        r, q = np.argwhere(ranks == hi)[0]
+        raise RankingError(f"ranks holds database index {hi} (query {q}, rank {r}) but the database has "
+                           f"{n_db} images (indices 0..{n_db - 1}); are the indices 1-based, or are "
+                           "distractors missing from n_db?")
     return ranks
 
 
-def _inverse(col: np.ndarray, q: int, scratch: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """scratch[i] = position of database image i in ``col``; RankingError unless a permutation."""
-    n = col.shape[0]
-    scratch.fill(-1)
-    scratch[col] = positions
-    if scratch.min() < 0:
-        missing = np.flatnonzero(scratch < 0)
-        raise RankingError(f"ranking of query {q} repeats database indices and misses {missing.size} of them "
-                           f"(e.g. {missing[:3].tolist()}); each column must be a permutation of 0..{n - 1}")
-    return scratch
+def _gnd_entries(gnd: Sequence[dict] | Mapping) -> tuple[Sequence[dict], int | None]:
+    """(per-query entries, database size or None) from a gnd list or a whole ground-truth dict."""
+    if isinstance(gnd, Mapping):
+        if "gnd" not in gnd or "imlist" not in gnd:
+            raise RankingError("a ground-truth dict needs 'gnd' and 'imlist' (as load_gnd returns); "
+                               "or pass its 'gnd' list")
+        return gnd["gnd"], len(gnd["imlist"])
+    return gnd, None
 
 
-def evaluate_ranks(ranks: np.ndarray, gnd: list[dict], kappas: Sequence[int] = DEFAULT_KAPPAS,
+def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict] | Mapping, kappas: Sequence[int] = DEFAULT_KAPPAS,
                    n_db: int | None = None) -> dict:
-    """mAP / mP@k of the three protocols from full rankings ``ranks[n_db, n_q]`` (0-based indices).
+    """mAP / mP@k of the three protocols from rankings ``ranks[depth, n_q]`` (0-based database
+    indices, best first), exactly as revisitop's ``compute_map``.
 
-    Rows beyond the ground truth's database (e.g. +1M distractors) are fine: they are never
-    positive nor ignored. ``n_db``, when given, must equal the number of rows.
+    Any depth is accepted, from a top-k to the full database: a positive absent from a column counts
+    as not retrieved (it adds 0 to the AP, whose denominator stays the query's number of positives),
+    and ignored images absent from it change nothing. Where ``compute_map`` fails (a query whose
+    truncated ranking holds none of its positives: it takes the max of no positions), mP@k is 0.
+    ``gnd``: the per-query entries, or the whole ground truth (``load_gnd``'s dict). ``n_db``: the
+    number of images the indices address (the database, plus any distractors numbered after it);
+    default ``len(gnd["imlist"])`` for a whole ground truth, else unknown: indices are then only
+    checked to be non-negative. Each column must list an image at most once.
     Returns ``{"easy"|"medium"|"hard": {"map", "mp@k"..., "aps"}}`` in percent.
     """
-    check_ranks(ranks, n_queries=len(gnd), n_db=n_db)
+    entries, gt_db = _gnd_entries(gnd)
+    n_db = gt_db if n_db is None else int(n_db)
+    check_ranks(ranks, n_queries=len(entries), n_db=n_db)
     rows, nq = ranks.shape
-    sets = [{p: protocol_sets(e, p) for p in PROTOCOLS} for e in gnd]
+    sets = [{p: protocol_sets(e, p) for p in PROTOCOLS} for e in entries]
+    gnd_hi = -1
     for q, s in enumerate(sets):
         hi = max((int(a.max()) for pair in s.values() for a in pair if a.size), default=-1)
-        if hi >= rows:
-            raise RankingError(f"ground truth of query {q} refers to database index {hi} but the ranking "
-                               f"has only {rows} rows")
-    idx_dtype = np.int32 if rows < 2**31 else np.int64
-    scratch = np.empty(rows, dtype=idx_dtype)
+        lo = min((int(a.min()) for pair in s.values() for a in pair if a.size), default=0)
+        if lo < 0:
+            raise RankingError(f"ground truth of query {q} refers to the negative database index {lo}")
+        if n_db is not None and hi >= n_db:
+            raise RankingError(f"ground truth of query {q} refers to database index {hi} but the database has "
+                               f"{n_db} images")
+        gnd_hi = max(gnd_hi, hi)
+    size = max(n_db or 0, int(ranks.max()) + 1, gnd_hi + 1)
+    idx_dtype = np.int32 if size < 2**31 else np.int64
+    inverse = np.full(size, -1, dtype=idx_dtype)     # inverse[i] = rank of image i, -1 = not ranked
     positions = np.arange(rows, dtype=idx_dtype)
     # a strided column makes the scatter below 3x slower: copy it to a contiguous buffer first
     column = None if ranks[:, 0].flags.c_contiguous else np.empty(rows, dtype=ranks.dtype)
     pos_all: dict[str, list[np.ndarray]] = {p: [] for p in PROTOCOLS}
     ign_all: dict[str, list[np.ndarray]] = {p: [] for p in PROTOCOLS}
+    n_pos: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
     for q in range(nq):
         col = ranks[:, q]
         if column is not None:
             np.copyto(column, col)
             col = column
-        inv = _inverse(col, q, scratch, positions)
+        inverse[col] = positions
+        if not np.array_equal(inverse[col], positions):
+            first = int(np.flatnonzero(inverse[col] != positions)[0])
+            raise RankingError(f"ranking of query {q} repeats database index {int(col[first])} (ranks {first} "
+                               f"and {int(inverse[col[first]])}); a ranking lists each image at most once")
         for p in PROTOCOLS:
             pos, ign = sets[q][p]
-            pos_all[p].append(inv[pos])
-            ign_all[p].append(inv[ign])
-    return {p: evaluate_positions(pos_all[p], ign_all[p], kappas=kappas) for p in PROTOCOLS}
+            found, found_ign = inverse[pos], inverse[ign]
+            pos_all[p].append(found[found >= 0])
+            ign_all[p].append(found_ign[found_ign >= 0])
+            n_pos[p].append(len(pos))
+        inverse[col] = -1                            # O(depth) reset: top-k of a 1M database stays cheap
+    return {p: evaluate_positions(pos_all[p], ign_all[p], n_pos=n_pos[p], kappas=kappas) for p in PROTOCOLS}
 
 
 def ranks_from_scores(scores: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`irkit eval`: score rankings with the revisitop protocol.
 
-Mode "precomputed" (``--gnd``): rankings or scores from any tool, saved as .npy.
+Mode "precomputed" (``--gnd``): rankings (full, or each query's top-k) or scores from any tool,
+saved as .npy; the database size is the ground truth's (plus ``--n-distractors``).
 Mode "dataset" (``--dataset NAME --data-dir DIR``): extract with a model preset (cached feature
 stores), rank, optionally expand queries and re-rank, evaluate.
 """
@@ -30,10 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre = p.add_argument_group("precomputed rankings")
     pre.add_argument("--gnd", type=Path, help="revisitop ground truth gnd_<name>.pkl")
     src = pre.add_mutually_exclusive_group()
-    src.add_argument("--ranks", type=Path, help=".npy of 0-based database indices [n_db, n_queries]")
+    src.add_argument("--ranks", type=Path, help=".npy of 0-based database indices [depth, n_queries], best first: "
+                     "a full ranking or each query's top-k (positives beyond the depth count as not retrieved)")
     src.add_argument("--scores", type=Path, help=".npy of similarities [n_db, n_queries] (higher = better)")
     pre.add_argument("--query-major", action="store_true",
-                     help="the .npy is [n_queries, n_db] instead of [n_db, n_queries]")
+                     help="the .npy is [n_queries, depth] instead of [depth, n_queries]")
+    pre.add_argument("--n-distractors", type=int, default=None,
+                     help="the ranking also addresses this many distractors, numbered after the database "
+                          "(+1M); default: 0, or the rows beyond the database of a full ranking")
     ds = p.add_argument_group("dataset (extract, rank, evaluate)")
     ds.add_argument("--dataset", help="revisitop-layout dataset name, e.g. roxford5k or minidev")
     ds.add_argument("--data-dir", type=Path, help="folder holding <dataset>/gnd_<dataset>.pkl and jpg/")
@@ -102,13 +107,22 @@ def run_precomputed(args: argparse.Namespace) -> int:
     if args.query_major:
         arr = arr.T
     ranks = arr if what == "ranks" else ranks_from_scores(arr)
-    n_db = len(gnd["imlist"])
-    if ranks.shape[0] < n_db:
-        raise RankingError(f"--{what} has {ranks.shape[0]} database rows but {args.gnd} has {n_db} database "
+    n_gt = len(gnd["imlist"])                            # the database size comes from the ground truth
+    if what == "scores" and ranks.shape[0] < n_gt:
+        raise RankingError(f"--scores has {ranks.shape[0]} database rows but {args.gnd} has {n_gt} database "
                            f"images (shape {arr.shape}{'' if args.query_major else '; query-major? pass --query-major'})")
-    if ranks.shape[0] > n_db and ranks.shape[1] == len(gnd["qimlist"]):
-        log.info("%d rows beyond the %d database images are treated as distractors", ranks.shape[0] - n_db, n_db)
-    results = evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS)
+    if args.n_distractors is not None:
+        if args.n_distractors < 0:
+            raise ConfigError(f"--n-distractors must be >= 0, got {args.n_distractors}")
+        n_db = n_gt + args.n_distractors
+    else:
+        n_db = max(n_gt, ranks.shape[0])
+        if ranks.shape[0] > n_gt and ranks.shape[1] == len(gnd["qimlist"]):
+            log.info("%d rows beyond the %d database images are treated as distractors", ranks.shape[0] - n_gt, n_gt)
+    if what == "ranks" and ranks.shape[0] < n_db:
+        log.info("top-%d rankings of a %d-image database: positives beyond them count as not retrieved",
+                 ranks.shape[0], n_db)
+    results = evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS, n_db=n_db)
     if args.json:
         print(json.dumps(results_json(results)))
     else:
