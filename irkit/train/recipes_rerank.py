@@ -248,7 +248,7 @@ def curriculum(cfg) -> RerankCurriculum:
             spec["end_step"] = cfg.steps
         try:
             out[name] = Schedule(**spec)
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"curriculum.{name}: {exc}") from exc
     unknown = set(cfg.curriculum) - set(out)
     if unknown:
