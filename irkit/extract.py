@@ -212,7 +212,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
         bar.update(1)
         if error is not None:
             log.warning("skipping %s", error)
-            store.log_failure(item.path, error)
+            store.log_failure(item.id, item.path, error)
             continue
         buf_items.append(item)
         buf_inputs.append(inputs)
@@ -272,7 +272,10 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 
-if __name__ == "__main__":  # `torchrun --nproc-per-node N -m irkit.extract ARGS` (see irkit.shard)
-    from irkit.shard import main
+if __name__ == "__main__":
+    # `torchrun --nproc-per-node N -m irkit.extract ARGS` = `irkit extract ARGS --distributed` (see
+    # irkit.shard). Only a program entry point, never run on import: the CLI above it is imported here.
+    from irkit.cli import main as _cli_main
 
-    sys.exit(main())
+    _argv = sys.argv[1:]
+    sys.exit(_cli_main(["extract", *_argv, *([] if "--distributed" in _argv else ["--distributed"])]))

@@ -14,7 +14,11 @@ guaranteed to give the same bits for different batch compositions). One more con
 same number of intra-op threads per process (oneDNN's reductions depend on it; with
 EfficientNet-Lite weights 1 vs 2 threads differ by ~3e-5, the float16 rounding step). torchrun
 sets ``OMP_NUM_THREADS=1`` per rank, so compare with a 1-rank run under ``OMP_NUM_THREADS=1``;
-when OMP_NUM_THREADS is unset, CPU ranks split the machine's cores between them.
+when OMP_NUM_THREADS is unset, CPU ranks split the machine's cores between them. An image that
+fails to decode is skipped, which shifts the batches after it differently in a 1-rank run and in
+a shard: the descriptors then agree to float rounding, not bit for bit. Failures are recorded by
+image id in each shard's failure log; a shard counts as finished when each of its images is
+stored or recorded as failed, and the merged store lists the failed images in input order.
 
 Usage (one machine, 4 processes; ``gloo`` on CPU, ``nccl`` when ``--device cuda``)::
 
@@ -25,11 +29,11 @@ Several machines: start the same command on each with the usual rendezvous flags
 ``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500
 --rdzv-id extract1 -m irkit.extract …`` (or ``--node-rank``/``--master-addr``/``--master-port``).
 ``STORE`` must be on storage every node sees (rank 0 reads all shards to merge them). Without
-torchrun's environment (no ``WORLD_SIZE``) it runs as a single rank.
+torchrun's environment (no ``WORLD_SIZE``) it runs as a single rank. The command line lives in
+:mod:`irkit.cli.commands.extract`; this module is library code (it logs, it does not print).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -40,7 +44,11 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from irkit import distributed as D
 from irkit.errors import ConfigError, StoreError
+from irkit.extract import Item, extract_to_store
+from irkit.models.base import GlobalModel
+from irkit.store import MANIFEST, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -70,54 +78,21 @@ def shard_items(items: Sequence[Any], rank: int, world: int, block: int = 1) -> 
     return list(items[start:stop])
 
 
-# ---------------------------------------------------------------------------- process group
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(device: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[int, int, str]:
-    """Join torchrun's process group (``nccl`` for CUDA devices, ``gloo`` otherwise).
-
-    Returns ``(rank, world, device)`` where a CUDA device becomes ``cuda:<local rank>``. A world of
-    one initialises nothing. CPU ranks on one machine split its cores (``torch.set_num_threads``)."""
-    import torch
-    import torch.distributed as dist
-
-    rank, world, local = dist_env()
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = str(device).startswith("cuda")
-    if cuda:
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    elif world > 1 and not os.environ.get("OMP_NUM_THREADS"):
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-        log.info("rank %d of %d joined the %s process group", rank, world, dist.get_backend())
-    return rank, world, str(device)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def init_distributed(device: str = "auto", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[int, int, str]:
+    """Join torchrun's process group for extraction (:func:`irkit.distributed.init_from_env` with
+    the long barrier timeout); returns ``(rank, world, device)``, a CUDA device being this rank's GPU."""
+    device = D.rank_device(device)
+    rank, world, _ = D.init_from_env(device=device, timeout=timeout)
+    return rank, world, device
 
 
 # ---------------------------------------------------------------------------- extraction
-def extract_shard(model: Any, items: Sequence[Any], store_dir: str | os.PathLike, rank: int, world: int, *,
-                  batch_size: int = 8, **kwargs: Any):
+def extract_shard(model: GlobalModel, items: Sequence[Item], store_dir: str | os.PathLike, rank: int, world: int,
+                  *, batch_size: int = 8, **kwargs: Any) -> FeatureStore:
     """Extract rank ``rank``'s share of ``items`` into its shard store (resumable); returns that store.
 
     Items already in a merged ``store_dir`` (from an earlier complete run) are skipped.
     ``kwargs`` go to :func:`irkit.extract.extract_to_store` (scales, with_maps, dtype, workers, ...)."""
-    from irkit.extract import extract_to_store
-    from irkit.store import FeatureStore
-
     mine = shard_items(items, rank, world, block=batch_size)
     merged = _open_if_store(Path(store_dir))
     if merged is not None:
@@ -128,56 +103,48 @@ def extract_shard(model: Any, items: Sequence[Any], store_dir: str | os.PathLike
     return FeatureStore.open(store.root)
 
 
-def extract_distributed(model: Any, items: Sequence[Any], store_dir: str | os.PathLike, *,
+def extract_distributed(model: GlobalModel, items: Sequence[Item], store_dir: str | os.PathLike, *,
                         rank: int | None = None, world: int | None = None, merge: bool = True,
-                        keep_shards: bool = True, batch_size: int = 8, **kwargs: Any):
+                        keep_shards: bool = True, batch_size: int = 8, **kwargs: Any) -> FeatureStore:
     """This rank's part of a distributed extraction: its shard, a barrier, then rank 0 merges.
 
-    ``rank``/``world`` default to torchrun's environment (call :func:`init_distributed` first).
+    ``rank``/``world`` default to the process group's (join it first with :func:`init_distributed`).
     Returns the merged FeatureStore on rank 0 (when ``merge``), the rank's shard store elsewhere."""
-    env_rank, env_world, _ = dist_env()
-    rank = env_rank if rank is None else rank
-    world = env_world if world is None else world
+    env_rank, env_world, _ = D.torchrun_env()
+    if merge and env_world > 1 and not D.is_dist():
+        raise ConfigError(f"WORLD_SIZE is {env_world} but no process group is initialised; call "
+                          "irkit.shard.init_distributed() first (rank 0 must wait for the others before merging)")
+    rank = (D.rank() if D.is_dist() else env_rank) if rank is None else rank
+    world = (D.world_size() if D.is_dist() else env_world) if world is None else world
     items = list(items)
     shard = extract_shard(model, items, store_dir, rank, world, batch_size=batch_size, **kwargs)
     if not merge:
         return shard
-    _barrier()
+    D.barrier()
     out = shard
     if rank == 0:
         out = merge_shards(store_dir, [it.id for it in items], world,
                            expected=[[it.id for it in shard_items(items, r, world, batch_size)]
-                                     for r in range(world)])
+                                     for r in range(world)], progress=kwargs.get("progress", True))
         if not keep_shards:
             shutil.rmtree(Path(store_dir) / SHARDS_DIR, ignore_errors=True)
-    _barrier()  # nobody returns (and maybe exits torchrun) before the merged store exists
+    D.barrier()  # nobody returns (and maybe exits torchrun) before the merged store exists
     return out
 
 
 # ---------------------------------------------------------------------------- merging
-def _open_if_store(path: Path):
-    from irkit.store import MANIFEST, FeatureStore
-
+def _open_if_store(path: Path) -> FeatureStore | None:
     return FeatureStore.open(path) if (path / MANIFEST).is_file() else None
 
 
-def _log_failure(store: Any, failure: dict) -> None:
-    try:
-        store.log_failure(failure.get("path", ""), failure.get("reason", ""), id=failure.get("id"))
-    except TypeError:  # a store whose log_failure takes no id
-        store.log_failure(failure.get("path", ""), failure.get("reason", ""))
-
-
 def merge_stores(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike, order: Sequence[str],
-                 *, batch: int = 4096, progress: bool = True):
+                 *, batch: int = 4096, progress: bool = True) -> FeatureStore:
     """Merge shard stores into ``out_dir`` with rows in the order of ``order`` (ids absent from every
     shard, e.g. images that failed, are skipped; their failure records are copied).
 
     Resumable: ids already in ``out_dir`` are not copied again, so a merge interrupted after any
     committed batch continues in order. All shards must share model, config, dim and dtype.
     Descriptors are copied in the shards' dtype (no rounding), re-rank maps included."""
-    from irkit.store import FeatureStore
-
     stores = [FeatureStore.open(p) for p in shards]
     if not stores:
         raise StoreError("no shard stores to merge")
@@ -210,18 +177,22 @@ def merge_stores(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         out.add(ids, paths, desc, maps=maps, skip_existing=True)
         bar.update(len(ids))
     bar.close()
-    logged = {f.get("id") or f.get("path") for f in out.failures}
+    failed: dict[str, dict] = {}
     for s in stores:
         for f in s.failures:
-            if (f.get("id") or f.get("path")) not in logged and f.get("id") not in out:
-                _log_failure(out, f)
+            if f["id"] is not None:  # records of pre-id stores cannot be matched to an image: retried instead
+                failed.setdefault(f["id"], f)
+    logged = {f["id"] for f in out.failures}
+    for id_ in order:  # the merged failure log lists the bad images in input order, once each
+        if id_ in failed and id_ not in logged and id_ not in out:
+            out.log_failure(id_, failed[id_]["path"], failed[id_]["reason"])
     out.close()
     log.info("merged %d shard stores into %s (%d rows)", len(stores), out_dir, len(out))
     return FeatureStore.open(out_dir)
 
 
 def merge_shards(store_dir: str | os.PathLike, order: Sequence[str], world: int,
-                 expected: Sequence[Sequence[str]] | None = None, progress: bool = True):
+                 expected: Sequence[Sequence[str]] | None = None, progress: bool = True) -> FeatureStore:
     """Merge ``<store>/shards/rank-*-of-<world>`` into ``<store>`` in the order of ``order``.
 
     With ``expected`` (the ids each rank had to extract), refuses (StoreError) when a shard is
@@ -234,54 +205,10 @@ def merge_shards(store_dir: str | os.PathLike, order: Sequence[str], world: int,
                              "extraction (finished work is kept)")
         if expected is not None:
             s = _open_if_store(path)
-            failed = {f.get("id") for f in s.failures} if s is not None else set()
+            failed = {f["id"] for f in s.failures} if s is not None else set()
             done = (lambda i: (s is not None and i in s) or i in failed or (merged is not None and i in merged))
             left = [i for i in expected[r] if not done(i)]
             if left:
                 raise StoreError(f"shard {path} lacks {len(left)} of its {len(expected[r])} images (e.g. {left[:3]}): "
                                  f"rank {r} did not finish; re-run the distributed extraction to resume it")
     return merge_stores(shards, store_dir, order, progress=progress)
-
-
-# ---------------------------------------------------------------------------- CLI entry points
-def run_extract_cli(args: argparse.Namespace) -> int:
-    """`irkit extract --distributed` (inside torchrun): init, extract this rank's shard, merge on rank 0."""
-    from irkit.cli.commands.extract import items_from_args
-
-    rank, world, device = init_distributed(getattr(args, "device", "cpu"))
-    args.device = device
-    items = items_from_args(args)
-    if getattr(args, "runtime", "torch") == "onnx":
-        from irkit.export import onnx_model_from_args
-
-        model, optimize = onnx_model_from_args(args), False
-    else:
-        from irkit.cli.common import model_from_args
-
-        model, optimize = model_from_args(args), True
-    try:
-        store = extract_distributed(model, items, args.store, rank=rank, world=world,
-                                    batch_size=args.batch_size, scales=args.scales, with_maps=args.maps,
-                                    dtype=args.dtype, workers=args.workers, optimize=optimize,
-                                    progress=rank == 0)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print(f"{args.store}: {len(store)} descriptors merged from {world} shard(s) "
-              f"({model.preset_name}, dim {model.dim}); {len(store.failures)} images failed")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``torchrun … -m irkit.extract ARGS``: the same arguments as ``irkit extract``, distributed."""
-    import sys
-
-    from irkit.cli import main as cli_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--distributed" not in argv:
-        argv.append("--distributed")
-    return cli_main(["extract", *argv])

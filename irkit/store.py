@@ -12,7 +12,7 @@ Layout of ``STORE_DIR``::
     chunk-<uid>.npy        descriptors of one batch (or of a compacted run), [n, dim] fp16/fp32
     chunk-<uid>.json       ids, paths and re-rank map locations of the same rows
     maps.bin               append-only re-rank maps; the manifest records its committed length
-    failures.jsonl         images skipped during extraction (path, reason, time)
+    failures.jsonl         images skipped during extraction (id, path, reason, time)
     .lock                  flock held by the (single) writing process
 
 Rows are numbered 0..N-1 in chunk order, skipping removed rows; ``remove`` only records
@@ -679,9 +679,15 @@ class FeatureStore:
         return raw.view(self.dtype).reshape(shape).astype(np.float32)
 
     # ------------------------------------------------------------------ failures
-    def log_failure(self, path: str, reason: str) -> None:
-        """Record an image skipped during extraction (one JSON line, appended and fsynced)."""
-        line = json.dumps({"path": str(path), "reason": str(reason), "time": time.time()}, ensure_ascii=False)
+    def log_failure(self, id: str, path: str, reason: str) -> None:
+        """Record an image skipped during extraction (one JSON line, appended and fsynced).
+
+        The ``id`` is part of the record because a resumed run and a distributed merge match
+        failures to the images they expected by id (paths may differ between machines)."""
+        if not isinstance(id, str) or not id:
+            raise StoreError(f"a failure record needs the image's id (got {id!r} for {path!r})")
+        line = json.dumps({"id": id, "path": str(path), "reason": str(reason), "time": time.time()},
+                          ensure_ascii=False)
         with self._lock:
             with open(self.root / FAILURES_FILE, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
@@ -690,14 +696,22 @@ class FeatureStore:
 
     @property
     def failures(self) -> list[dict]:
-        """Logged failures, oldest first (a line torn by a crash is skipped)."""
+        """Images that failed and are not in the store: one record ``{id, path, reason, time}`` per
+        id (the latest; a retried image fails again), in the order first logged. An image that a
+        later run extracted is no longer listed; a line torn by a crash is skipped; records of
+        stores written before ids were logged have ``id`` None and are keyed by path."""
         path = self.root / FAILURES_FILE
         if not path.exists():
             return []
-        out = []
+        latest: dict[tuple[str, str], dict] = {}
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:
                 continue
-        return out
+            if not isinstance(rec, dict):
+                continue
+            rec.setdefault("id", None)
+            key = ("id", rec["id"]) if rec["id"] is not None else ("path", str(rec.get("path")))
+            latest[key] = rec if key not in latest else {**latest[key], **rec}
+        return [r for r in latest.values() if r["id"] is None or r["id"] not in self]

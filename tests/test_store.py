@@ -274,13 +274,36 @@ def test_one_writer_per_store(tmp_path):
 def test_failure_log(tmp_path):
     s = make(tmp_path)
     assert s.failures == []
-    s.log_failure("/data/bad.jpg", "cannot identify image file")
-    s.log_failure("/data/huge.png", "decompression bomb")
+    s.log_failure("bad", "/data/bad.jpg", "cannot identify image file")
+    s.log_failure("huge", "/data/huge.png", "decompression bomb")
     with open(tmp_path / "store" / "failures.jsonl", "a") as fh:
-        fh.write('{"path": "/data/torn')  # a line torn by a crash
+        fh.write('{"id": "torn", "path": "/data/torn')  # a line torn by a crash
     f = FeatureStore.open(tmp_path / "store").failures
-    assert [x["path"] for x in f] == ["/data/bad.jpg", "/data/huge.png"]
+    assert [(x["id"], x["path"]) for x in f] == [("bad", "/data/bad.jpg"), ("huge", "/data/huge.png")]
     assert f[0]["reason"] == "cannot identify image file" and "time" in f[0]
+
+
+def test_failure_records_need_an_id(tmp_path):
+    s = make(tmp_path)
+    for bad_id in (None, ""):
+        with pytest.raises(StoreError, match="needs the image's id"):
+            s.log_failure(bad_id, "/data/x.jpg", "broken")  # type: ignore[arg-type]
+    assert s.failures == []
+
+
+def test_failures_one_record_per_id_and_none_once_stored(tmp_path):
+    """A retried image that fails again is listed once (latest reason); one extracted later is not listed."""
+    s = make(tmp_path)
+    s.log_failure("img-0", "/data/img-0.jpg", "truncated")
+    s.log_failure("img-1", "/data/img-1.jpg", "empty file")
+    s.log_failure("img-1", "/data/img-1.jpg", "still empty")
+    assert [(f["id"], f["reason"]) for f in s.failures] == [("img-0", "truncated"), ("img-1", "still empty")]
+    s.add(*batch(0, 1))  # img-0 was fixed and extracted by a later run
+    assert [f["id"] for f in s.failures] == ["img-1"]
+    with open(tmp_path / "store" / "failures.jsonl", "a") as fh:  # a record of a store older than ids
+        fh.write('{"path": "/data/old.jpg", "reason": "corrupt", "time": 0}\n')
+    f = FeatureStore.open(tmp_path / "store").failures
+    assert [(x["id"], x["path"]) for x in f] == [("img-1", "/data/img-1.jpg"), (None, "/data/old.jpg")]
 
 
 def test_search_while_adding(tmp_path):

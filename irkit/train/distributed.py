@@ -1,4 +1,7 @@
-"""Small helpers for DDP training (``torchrun``): rank queries, all-gathers, process-group init.
+"""DDP training helpers (``torchrun``): all-gathers with and without gradient.
+
+Rank queries and the process-group setup live in :mod:`irkit.distributed` (shared with
+distributed extraction) and are re-exported here.
 
 Everything degrades to the single-process case when no process group is initialised, so losses
 and miners can call :func:`all_gather_nograd` / :func:`all_gather_with_grad` unconditionally.
@@ -10,16 +13,11 @@ i.e. exactly the tensor one process would hold for the concatenated batch.
 """
 from __future__ import annotations
 
-import datetime
-import logging
-import os
-
 import torch
 import torch.distributed as dist
 
-from irkit.errors import ConfigError
-
-log = logging.getLogger(__name__)
+# the process-group setup is shared with distributed extraction; re-exported for the train code
+from irkit.distributed import cleanup, init_from_env, is_dist, is_main, local_rank, rank, world_size
 
 __all__ = [
     "is_dist",
@@ -33,31 +31,6 @@ __all__ = [
     "init_from_env",
     "cleanup",
 ]
-
-
-def is_dist() -> bool:
-    """True when a ``torch.distributed`` process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """Global rank of this process (0 without a process group)."""
-    return dist.get_rank() if is_dist() else 0
-
-
-def world_size() -> int:
-    """Number of processes in the default group (1 without a process group)."""
-    return dist.get_world_size() if is_dist() else 1
-
-
-def local_rank() -> int:
-    """``LOCAL_RANK`` from the torchrun environment (0 when absent)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main() -> bool:
-    """True on rank 0 (the process that logs and writes checkpoints)."""
-    return rank() == 0
 
 
 def _gather_padded(t: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
@@ -130,46 +103,3 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world_size()
-
-
-def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int, int]:
-    """Initialise the default process group from the torchrun environment.
-
-    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT`` through the
-    ``env://`` init method). Backend: ``nccl`` when CUDA is available, else ``gloo`` (override with
-    ``backend``). On CUDA the current device is set to ``cuda:LOCAL_RANK``. Without ``WORLD_SIZE``
-    (a plain ``python train.py``) nothing is initialised and ``(0, 1, 0)`` is returned.
-
-    Returns ``(rank, world_size, local_rank)``.
-    """
-    if is_dist():
-        return rank(), world_size(), local_rank()
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
-        return 0, 1, 0
-    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if key not in os.environ:
-            raise ConfigError(
-                f"WORLD_SIZE is set but {key} is not: launch distributed training with torchrun "
-                "(e.g. `torchrun --nproc_per_node=N -m irkit ...`) or unset WORLD_SIZE"
-            )
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo", "mpi"):
-        raise ConfigError(f"unknown distributed backend {backend!r}: use 'nccl', 'gloo' or 'mpi'")
-    lr = local_rank()
-    if backend == "nccl":
-        torch.cuda.set_device(lr)
-    dist.init_process_group(backend=backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    log.info("initialised %s process group: rank %d of %d", backend, rank(), world_size())
-    return rank(), world_size(), lr
-
-
-def cleanup(barrier: bool = False) -> None:
-    """Destroy the default process group if one exists. ``barrier`` (on a clean exit): wait for every
-    rank first — a rank that tears gloo down while a peer's last collective is in flight aborts
-    that peer (SIGABRT, "terminate called without an active exception"; seen in 3 of 12 runs)."""
-    if is_dist():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()

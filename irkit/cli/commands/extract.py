@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from irkit.cli.common import add_model_args, model_from_args
+from irkit.data.collection import load_collection
+from irkit.data.revisitop import load_revisitop
+from irkit.distributed import cleanup
 from irkit.errors import ConfigError
+from irkit.export import onnx_model_from_args
+from irkit.extract import Item, extract_to_store
+from irkit.shard import extract_distributed, init_distributed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,33 +36,50 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from irkit.extract import extract_to_store
-
     if args.distributed:
-        from irkit.shard import run_extract_cli
-
-        return run_extract_cli(args)
+        return run_distributed(args)
     items = items_from_args(args)
-    if args.runtime == "onnx":
-        from irkit.export import onnx_model_from_args
-
-        model = onnx_model_from_args(args)
-    else:
-        model = model_from_args(args)
+    model, optimize = _model(args)
     store = extract_to_store(model, items, args.store, scales=args.scales, with_maps=args.maps,
                              batch_size=args.batch_size, dtype=args.dtype, workers=args.workers,
-                             optimize=args.runtime == "torch")
+                             optimize=optimize)
     print(f"{args.store}: {len(store)} descriptors ({model.preset_name}, dim {model.dim}); "
           f"{len(store.failures)} images failed (see the store's failure log)")
     return 0
 
 
-def items_from_args(args: argparse.Namespace) -> list:
-    from irkit.extract import Item
+def run_distributed(args: argparse.Namespace) -> int:
+    """``--distributed`` (inside torchrun): join the group, extract this rank's shard, rank 0 merges."""
+    rank, world, args.device = init_distributed(getattr(args, "device", "auto"))
+    clean = False
+    try:
+        items = items_from_args(args)
+        model, optimize = _model(args)
+        store = extract_distributed(model, items, args.store, rank=rank, world=world,
+                                    batch_size=args.batch_size, scales=args.scales, with_maps=args.maps,
+                                    dtype=args.dtype, workers=args.workers, optimize=optimize,
+                                    progress=rank == 0)
+        clean = True
+    finally:
+        cleanup(barrier=clean)  # on a clean exit wait for every rank before tearing the group down
+    if rank == 0:
+        print(f"{args.store}: {len(store)} descriptors merged from {world} shard(s) "
+              f"({model.preset_name}, dim {model.dim}); {len(store.failures)} images failed")
+        for f in store.failures:
+            print(f"  failed: {f['id']} ({f['path']}): {f['reason']}")
+    return 0
 
+
+def _model(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The model to run and whether to optimise it for inference (torch only)."""
+    if args.runtime == "onnx":
+        return onnx_model_from_args(args), False
+    return model_from_args(args), True
+
+
+def items_from_args(args: argparse.Namespace) -> list[Item]:
+    """The images to extract: a revisitop dataset (database or cropped queries) or a collection."""
     if args.dataset:
-        from irkit.data.revisitop import load_revisitop
-
         if not args.data_dir:
             raise ConfigError("--dataset needs --data-dir")
         ds = load_revisitop(args.data_dir, args.dataset)
@@ -64,7 +88,5 @@ def items_from_args(args: argparse.Namespace) -> list:
         return [Item(n, str(p)) for n, p in zip(ds.imlist, ds.db_paths)]
     if not args.source:
         raise ConfigError("give a folder or list file to extract, or --dataset NAME --data-dir DIR")
-    from irkit.data.collection import load_collection
-
     col = load_collection(args.source)
     return [Item(i, str(p)) for i, p in zip(col.ids, col.paths)]
