@@ -31,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from irkit.errors import IrkitError
 from irkit.models.base import GlobalModel
 from irkit.serve.concurrency import ClientGone, InferencePool
-from irkit.serve.engine import Engine, Limits, Query, thumbnail_url
+from irkit.search.engine import QE_METHODS, RERANK_METHODS, SearchOptions
+from irkit.serve.engine import QE_TRUE, RERANK_TRUE, Engine, Limits, Query, thumbnail_url
 from irkit.serve.errors import BadRequest, Busy, Forbidden, PayloadTooLarge, status_of, storage_error
-from irkit.serve.requests import as_bool, as_box, as_int, as_str
+from irkit.serve.requests import as_box, as_int, as_method, as_str
 from irkit.serve.safety import (BodyLimitMiddleware, SecurityHeadersMiddleware, check_id, check_token,
                                 decode_upload)
 
@@ -75,7 +76,7 @@ _EXPLAIN_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {
 def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, token: str | None = None, *,
                weights: str | Path | None = None, device: str = "cpu", limits: Limits | None = None,
                workers: int = 2, queue: int = 128, queue_timeout: float = 5.0, body_timeout: float = 30.0,
-               index_factory: str = "Flat") -> FastAPI:
+               index_factory: str | None = None, options: SearchOptions | None = None) -> FastAPI:
     """The service over the feature store at ``store_dir``.
 
     ``model``: a loaded GlobalModel, a preset name, or None for the preset the store records
@@ -94,13 +95,14 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
     if read_only:
         log.warning("store %s is read-only (%s): serving searches only; adds and removals are refused",
                     store_dir, read_only)
-    engine = Engine(store_dir, model, limits, index_factory=index_factory)
+    engine = Engine(store_dir, model, limits, index_factory=index_factory, options=options)
     pool = InferencePool(workers, queue, queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         pool.shutdown()
+        engine.close()
 
     app = FastAPI(title="irkit", version="0.1.0", lifespan=lifespan,
                   description="Instance-level image retrieval: search by image or id, add and remove images, "
@@ -153,7 +155,8 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
         if image_id is not None:
             check_id(image_id)
         query = Query(id=image_id, box=as_box(fields.get("box")), k=engine.check_k(as_int(fields.get("k"), "k", 10)),
-                      rerank=as_bool(fields.get("rerank"), "rerank", False), qe=as_bool(fields.get("qe"), "qe", False))
+                      rerank=as_method(fields.get("rerank"), "rerank", RERANK_METHODS, RERANK_TRUE),
+                      qe=as_method(fields.get("qe"), "qe", QE_METHODS, QE_TRUE))
         data = upload[1] if upload else None
 
         def job():

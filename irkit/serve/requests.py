@@ -50,6 +50,18 @@ def as_bool(value: Any, name: str, default: bool) -> bool:
     raise BadRequest(f"{name} must be true or false, got {_show(value)}")
 
 
+def as_method(value: Any, name: str, choices: tuple[str, ...], true_means: str) -> str:
+    """A method name from ``choices``; booleans (and their spellings) mean ``true_means`` / ``"none"``."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    try:
+        return true_means if as_bool(value, name, False) else "none"
+    except BadRequest:
+        raise BadRequest(f"{name} must be one of {', '.join(choices)} (or true/false), got {_show(value)}") from None
+
+
 def as_box(value: Any, name: str = "box") -> tuple[float, float, float, float] | None:
     """``[x1, y1, x2, y2]`` in pixels of the query image: a JSON list, or a string "x1,y1,x2,y2" / "[...]"."""
     if value is None or (isinstance(value, str) and not value.strip()):

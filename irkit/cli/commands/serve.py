@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image pixel limit (default 40M)")
     p.add_argument("--max-k", type=int, default=200, help="largest k a search may ask for (default 200)")
-    p.add_argument("--index", default="Flat", help="faiss index factory (default Flat, exact)")
+    p.add_argument("--index", default=None,
+                   help="faiss index factory (default: the index `irkit index` saved with the store, else Flat = exact)")
     p.set_defaults(func=run)
 
 

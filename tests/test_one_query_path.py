@@ -1,0 +1,125 @@
+"""One query path: `irkit search`, SearchEngine and POST /search give the same ids and scores; the
+service serves the index `irkit index` built and keeps it current by id, without rebuilding it."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import serve_tiny
+from irkit.cli import main
+from irkit.io.images import load_image
+from irkit.ranking import Ranking
+from irkit.search.engine import SearchEngine, SearchOptions
+from irkit.serve.app import create_app
+
+TOKEN = "t0ken-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return serve_tiny.build_store(tmp_path_factory.mktemp("qp"), n=24)
+
+
+@pytest.fixture(scope="module")
+def query(store: Path) -> Path:
+    path = store.parent / "query.png"
+    img = np.asarray(Image.open(store.parent / "images" / "img006.png")).astype(int)
+    noise = np.random.default_rng(5).integers(-25, 25, img.shape)
+    Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+CASES = {
+    "global": {},
+    "alpha-QE": {"qe": "alpha"},
+    "AQE": {"qe": "aqe"},
+    "spatial": {"rerank": "spatial"},
+    "cvnet": {"rerank": "cvnet"},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_ids_and_scores_through_cli_api_and_http(store, query, case, capsys):
+    opts = CASES[case]
+    api = SearchEngine.open(store).search(load_image(query), k=6, **opts)
+    args = ["search", str(query), "--store", str(store), "--k", "6", "--json"]
+    for name, value in opts.items():
+        args += [f"--{name}", value]
+    assert main(args) == 0
+    cli = json.loads(capsys.readouterr().out)[0]["results"]
+    with TestClient(create_app(store)) as client:
+        r = client.post("/search", files={"image": ("q.png", query.read_bytes(), "image/png")},
+                        data={"k": "6", **opts})
+    assert r.status_code == 200, r.text
+    http = r.json()["results"]
+    assert len(api) == 6
+    for other in (cli, http):
+        assert [h["id"] for h in other] == [h["id"] for h in api]
+        np.testing.assert_allclose([h["score"] for h in other], [h["score"] for h in api], rtol=0, atol=1e-6)
+        assert [h["stage"] for h in other] == [h["stage"] for h in api]
+    expected_stage = {"global": "global", "alpha-QE": "qe", "AQE": "qe"}.get(case, opts.get("rerank"))
+    assert {h["stage"] for h in api} == {expected_stage}
+
+
+def test_search_output_is_a_ranking_file(store, query, tmp_path, capsys):
+    out = tmp_path / "ranking.npz"
+    assert main(["search", str(query), str(store.parent / "images" / "img011.png"), "--store", str(store),
+                 "--k", "5", "-o", str(out)]) == 0
+    ranking = Ranking.load(out)
+    assert ranking.query_ids == ["query", "img011"] and ranking.depth == 5
+    assert ranking.hits(1)[0]["id"] == "img011" and ranking.hits(0)[0]["stage"] == "global"
+    imlist = [f"img{i:03d}" for i in range(24)]
+    ranks = ranking.to_ranks(imlist, ["img011", "query"])
+    assert ranks.shape == (5, 2) and ranks[0, 0] == 11
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (8, 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_service_serves_the_built_ivfpq_index_and_updates_it_by_id(tmp_path):
+    store = serve_tiny.build_store(tmp_path, n=64)
+    assert main(["index", str(store), "--factory", "IVF2,PQ4x4", "--nprobe", "2"]) == 0
+    with TestClient(create_app(store, token=TOKEN, options=SearchOptions(rescore=64))) as client:
+        engine = client.app.state.engine
+        index = engine.index
+        stats = client.get("/stats").json()["index"]
+        assert stats["factory"] == "IVF2,PQ4x4" and stats["ntotal"] == 64 and stats["counters"]["trains"] == 0
+        for batch in range(4):  # 100 adds in 4 requests
+            ids = [f"new{batch * 25 + i:03d}" for i in range(25)]
+            files = [("images", (f"{i}.png", png(1000 + batch * 25 + j), "image/png")) for j, i in enumerate(ids)]
+            r = client.post("/images", headers=AUTH, files=files, data={"ids": ",".join(ids)})
+            assert r.status_code == 201, r.text
+        gone = [f"new{i:03d}" for i in range(0, 100, 2)] + [f"img{i:03d}" for i in range(0, 64, 2)] + \
+            [f"img{i:03d}" for i in range(1, 37, 2)]
+        for image_id in gone:  # 100 deletes
+            assert client.delete(f"/images/{image_id}", headers=AUTH).status_code == 200
+        stats = client.get("/stats").json()["index"]
+        assert engine.index is index  # the same index object throughout: never rebuilt
+        assert stats["counters"]["trains"] == 0 and stats["ntotal"] == 64 and stats["factory"] == "IVF2,PQ4x4"
+        for image_id in ("new001", "new051", "img041"):  # PQ shortlist re-scored exactly from the store
+            hits = client.post("/search", json={"id": image_id, "k": 64}).json()["results"]
+            assert hits[0]["id"] == image_id and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
+            assert len(hits) == 64 and not set(gone) & {h["id"] for h in hits}
+    # restarted: the index saved at shutdown is loaded as it was (no rebuild, no retraining)
+    with TestClient(create_app(store, token=TOKEN)) as client:
+        stats = client.get("/stats").json()["index"]
+        assert stats["ntotal"] == 64 and stats["counters"] == {"trains": 0, "adds": 0, "removes": 0}
+
+
+def test_engine_and_service_search_options_have_one_default():
+    from irkit.serve.engine import Engine
+
+    assert SearchOptions().qe_k == 2
+    assert Engine.__init__.__defaults__[-1] is None  # the service takes SearchOptions() unless told otherwise
