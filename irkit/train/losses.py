@@ -28,6 +28,7 @@ from irkit.train.miners import batch_hard_triplets
 __all__ = [
     "ContrastiveLoss",
     "TripletLoss",
+    "unpack_tuples",
     "ArcFace",
     "CosFace",
     "CurricularFace",
@@ -60,6 +61,30 @@ def _check_reduction(reduction: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Pair and tuple losses
 # --------------------------------------------------------------------------------------------------
+def unpack_tuples(x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cirtorch's packed tuples -> (query of each pair [P, D], other image [P, D], label [P] 1/0).
+
+    ``x`` [N, D] (one row per image; cirtorch's ``x`` is the transpose), ``label`` [N]: tuples of
+    equal size S laid one after the other, each its query (label -1) first, then its images (1 =
+    positive, 0 = negative). Every non-query image forms a pair with its tuple's query, in order.
+    """
+    label = torch.as_tensor(label, device=x.device).reshape(-1)
+    if x.dim() != 2 or label.numel() != x.shape[0]:
+        raise ConfigError(f"packed tuples need x [N, D] and label [N]; got {tuple(x.shape)} and "
+                          f"{tuple(label.shape)}")
+    if not bool(((label == -1) | (label == 0) | (label == 1)).all()):
+        raise ConfigError("packed tuple labels must be -1 (query), 1 (positive) or 0 (negative)")
+    nq = int((label == -1).sum())
+    if nq == 0 or x.shape[0] % nq:
+        raise ConfigError(f"packed tuples: {x.shape[0]} images do not split into {nq} tuples of equal size")
+    size = x.shape[0] // nq
+    if size < 2 or not bool((label[::size] == -1).all()):
+        raise ConfigError(f"packed tuples: each tuple of {size} images must start with its query (label -1)")
+    others = label != -1
+    queries = x[::size].repeat_interleave(size - 1, dim=0)
+    return queries, x[others], label[others]
+
+
 class ContrastiveLoss(nn.Module):
     """Contrastive loss in the form of Radenović et al. (cirtorch).
 
@@ -68,25 +93,53 @@ class ContrastiveLoss(nn.Module):
         L(a, b) = t · ½ d²  +  (1 − t) · ½ max(0, margin − d)²
 
     ``forward(a, b, target)``: a, b [N, D], target [N] (bool or 0/1). Reduction over pairs:
-    "mean" (default), "sum" (cirtorch sums over the pairs of a tuple) or "none".
+    "mean" (default), "sum" (cirtorch sums over the pairs of a batch) or "none".
+
+    cirtorch conventions, as options: ``layout="packed"`` makes it ``forward(x, label)`` on packed
+    tuples (:func:`unpack_tuples`: label -1 query, 1 positive, 0 negative); ``eps_style="difference"``
+    computes ``d = ‖a − b + eps‖`` and uses d² in the positive term as cirtorch's
+    ``contrastive_loss`` does (default "sqrt": ``d = sqrt(‖a − b‖² + eps)`` in the negative term
+    only, the positive term exact). :meth:`cirtorch` sets all of them (packed, sum, eps on the
+    difference, margin 0.7, eps 1e-6).
     """
 
-    def __init__(self, margin: float = 0.7, reduction: str = "mean", eps: float = 1e-6) -> None:
+    def __init__(self, margin: float = 0.7, reduction: str = "mean", eps: float = 1e-6, layout: str = "pairs",
+                 eps_style: str = "sqrt") -> None:
         super().__init__()
         if margin <= 0:
             raise ConfigError(f"ContrastiveLoss margin must be > 0, got {margin}")
+        if layout not in ("pairs", "packed"):
+            raise ConfigError(f"ContrastiveLoss layout must be 'pairs' or 'packed', got {layout!r}")
+        if eps_style not in ("sqrt", "difference"):
+            raise ConfigError(f"ContrastiveLoss eps_style must be 'sqrt' or 'difference', got {eps_style!r}")
         self.margin = float(margin)
         self.reduction = _check_reduction(reduction)
         self.eps = float(eps)
+        self.layout, self.eps_style = layout, eps_style
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def cirtorch(cls, margin: float = 0.7, eps: float = 1e-6) -> "ContrastiveLoss":
+        """cirtorch's ``ContrastiveLoss``: packed tuples, sum over pairs, eps added to the difference."""
+        return cls(margin=margin, reduction="sum", eps=eps, layout="packed", eps_style="difference")
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout == "packed":
+            if target is not None:
+                raise ConfigError("ContrastiveLoss(layout='packed') takes forward(x, label)")
+            a, b, target = unpack_tuples(a, b)
+        elif target is None:
+            raise ConfigError("ContrastiveLoss(layout='pairs') takes forward(a, b, target)")
         if a.shape != b.shape or a.dim() != 2 or target.shape != a.shape[:1]:
             raise ConfigError(f"ContrastiveLoss expects a, b [N, D] and target [N]; got {tuple(a.shape)}, "
                               f"{tuple(b.shape)}, {tuple(target.shape)}")
         t = target.to(a.dtype)
-        d2 = (a - b).pow(2).sum(dim=1)
-        # eps inside the sqrt keeps the gradient finite for identical vectors (d=0).
-        d = torch.sqrt(d2 + self.eps)
+        if self.eps_style == "difference":
+            d2 = (a - b + self.eps).pow(2).sum(dim=1)
+            d = torch.sqrt(d2)
+        else:
+            d2 = (a - b).pow(2).sum(dim=1)
+            # eps inside the sqrt keeps the gradient finite for identical vectors (d=0).
+            d = torch.sqrt(d2 + self.eps)
         loss = t * 0.5 * d2 + (1 - t) * 0.5 * F.relu(self.margin - d).pow(2)
         return _reduce(loss, self.reduction)
 
@@ -101,24 +154,57 @@ class TripletLoss(nn.Module):
     ``coef = ½`` by default (METHODS §4: ``L = ½·max(0, m + |q−p|² − |q−n|²)``, m = 0.1); set
     ``coef=1.0`` for the plain form. ``forward(q, p, n)``: q, p [N, D]; n [N, D] or [N, K, D]
     (K negatives per query: every (q, p, n_k) is one triplet). Reduction over triplets.
+
+    cirtorch conventions, as options: ``layout="packed"`` makes it ``forward(x, label)`` on packed
+    tuples (label -1 query, 1 its one positive, 0 negatives; see :func:`unpack_tuples`), each
+    negative one triplet; :meth:`cirtorch` sets packed, ``coef=1``, squared distances and sum
+    reduction (cirtorch's ``triplet_loss``, margin 0.1).
     """
 
     def __init__(self, margin: float = 0.1, squared: bool = True, coef: float = 0.5,
-                 reduction: str = "mean", eps: float = 1e-12) -> None:
+                 reduction: str = "mean", eps: float = 1e-12, layout: str = "pairs") -> None:
         super().__init__()
         if margin < 0:
             raise ConfigError(f"TripletLoss margin must be >= 0, got {margin}")
+        if layout not in ("pairs", "packed"):
+            raise ConfigError(f"TripletLoss layout must be 'pairs' or 'packed', got {layout!r}")
         self.margin = float(margin)
         self.squared = bool(squared)
         self.coef = float(coef)
         self.reduction = _check_reduction(reduction)
         self.eps = float(eps)
+        self.layout = layout
+
+    @classmethod
+    def cirtorch(cls, margin: float = 0.1) -> "TripletLoss":
+        """cirtorch's ``TripletLoss``: packed tuples, coefficient 1, squared distances, sum."""
+        return cls(margin=margin, squared=True, coef=1.0, reduction="sum", layout="packed")
+
+    def _packed(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed tuples -> q [nq, D], p [nq, D], n [nq, K, D]; exactly one positive per tuple."""
+        q_rep, others, lbl = unpack_tuples(x, label)
+        nq = int((torch.as_tensor(label) == -1).sum())
+        per = others.shape[0] // nq                     # images per tuple besides the query
+        lbl = lbl.reshape(nq, per)
+        if not bool(((lbl == 1).sum(dim=1) == 1).all()) or per < 2:
+            raise ConfigError("packed triplet tuples need exactly one positive (label 1) and at least one "
+                              "negative (label 0) each")
+        others = others.reshape(nq, per, -1)
+        pos = others[lbl == 1]
+        neg = others[lbl == 0].reshape(nq, per - 1, -1)
+        return q_rep.reshape(nq, per, -1)[:, 0], pos, neg
 
     def _dist(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         d2 = (x - z).pow(2).sum(dim=-1)
         return d2 if self.squared else torch.sqrt(d2 + self.eps)
 
-    def forward(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout == "packed":
+            if n is not None:
+                raise ConfigError("TripletLoss(layout='packed') takes forward(x, label)")
+            q, p, n = self._packed(q, p)
+        elif n is None:
+            raise ConfigError("TripletLoss(layout='pairs') takes forward(q, p, n)")
         if q.shape != p.shape or q.dim() != 2:
             raise ConfigError(f"TripletLoss expects q, p [N, D]; got {tuple(q.shape)}, {tuple(p.shape)}")
         if n.dim() == 2:
@@ -252,21 +338,24 @@ class CurricularFace(_CosineHead):
 # MadaCos
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def madacos_scale_margin(cos: torch.Tensor, y: torch.Tensor, a: float = 0.02, s_min: float = 32.0,
-                         big: float = 9999999.0, training: bool = True) -> tuple[float, float, float]:
+def madacos_scale_margin(cos: torch.Tensor, y: torch.Tensor, alpha: float | None = None, s_min: float = 32.0,
+                         big: float = 9999999.0, training: bool = True, *,
+                         a: float | None = None) -> tuple[float, float, float]:
     """Adaptive scale and margin of MadaCos (CFCD, METHODS §3), computed over the GLOBAL batch.
 
     ``med`` = median of the target cosines ``cos[i, y_i]`` of the global batch (all ranks
     gathered, rank order). For an even count the **lower median** is used (``torch.median``); its
     sample is the one ``torch.median`` returns the index of — the "median sample" ``i*``::
 
-        s = max(s_min, ln(big·(1 − a)/a) / (1 − med))
+        s = max(s_min, ln(big·(1 − α)/α) / (1 − med))
         B = Σ_{j ≠ y_i*} exp(s · cos[i*, j])          (computed as a log-sum-exp)
-        m = max(0, med − ln(B · a/(1 − a)) / s)       (m = 0 when not training)
+        m = max(0, med − ln(B · α/(1 − α)) / s)       (m = 0 when not training)
 
     Then the median sample's target probability under logits ``s·cos`` / ``s·(cos_y − m)`` is
-    exactly ``a`` (when m is not clipped at 0). Returns floats ``(s, m, med)``; no gradient.
+    exactly ``alpha`` (α, the paper's name, default 0.02; ``a`` is an alias) when m is not clipped at 0. Returns
+    floats ``(s, m, med)``; no gradient.
     """
+    a = _madacos_alpha(alpha, a, default=0.02)
     cos = cos.detach()
     if cos.dtype in (torch.float16, torch.bfloat16):
         cos = cos.float()
@@ -288,8 +377,21 @@ def madacos_scale_margin(cos: torch.Tensor, y: torch.Tensor, a: float = 0.02, s_
     return s, m, med
 
 
+def _madacos_alpha(alpha: float | None, a: float | None, default: float) -> float:
+    """MadaCos' target probability from ``alpha`` (the paper's name) or its alias ``a``."""
+    if a is not None and alpha is not None and float(a) != float(alpha):
+        raise ConfigError(f"MadaCos: alpha={alpha} and its alias a={a} disagree; give one of them")
+    value = float(a if a is not None else (default if alpha is None else alpha))
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"MadaCos target probability alpha must lie in (0, 1), got {value}")
+    return value
+
+
 class MadaCos(_CosineHead):
     """MadaCos: CosFace-style loss with an adaptive scale and margin (CFCD, METHODS §3).
+
+    ``alpha``: the target probability of the median sample (the paper's α; ``a`` is accepted as
+    an alias, and ``self.a`` reads it).
 
     ``cos = normalize(f)·normalize(W)^T``; ``(s, m)`` from :func:`madacos_scale_margin` (batch
     median of the target cosines, global under DDP; lower median for even batches; m = 0 in eval).
@@ -298,22 +400,26 @@ class MadaCos(_CosineHead):
     last call are kept in ``last_s``, ``last_m`` and ``last_median`` (floats).
     """
 
-    def __init__(self, in_features: int, num_classes: int, a: float = 0.02, s_min: float = 32.0,
-                 big: float = 9999999.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, alpha: float | None = None, s_min: float = 32.0,
+                 big: float = 9999999.0, *, a: float | None = None) -> None:
         super().__init__(in_features, num_classes)
-        if not 0.0 < a < 1.0:
-            raise ConfigError(f"MadaCos target probability a must lie in (0, 1), got {a}")
-        self.a, self.s_min, self.big = float(a), float(s_min), float(big)
+        self.alpha = _madacos_alpha(alpha, a, default=0.02)
+        self.s_min, self.big = float(s_min), float(big)
         self.last_s: float = float("nan")
         self.last_m: float = float("nan")
         self.last_median: float = float("nan")
 
     def logits_from_cos(self, cos: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """MadaCos logits for given cosines [N, C] (updates ``last_s``/``last_m``)."""
-        s, m, med = madacos_scale_margin(cos, y, self.a, self.s_min, self.big, self.training)
+        s, m, med = madacos_scale_margin(cos, y, self.alpha, self.s_min, self.big, self.training)
         self.last_s, self.last_m, self.last_median = s, m, med
         onehot = F.one_hot(y, cos.shape[1]).to(cos.dtype)
         return s * (cos - m * onehot)
+
+    @property
+    def a(self) -> float:
+        """Alias of :attr:`alpha` (irkit's earlier name)."""
+        return self.alpha
 
     def logits(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._check(f, y)
