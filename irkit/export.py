@@ -269,7 +269,7 @@ def onnx_model_from_args(args: argparse.Namespace) -> OnnxModel:
     if weights and str(weights).endswith(".onnx"):
         return OnnxModel(weights)
     from irkit.models.registry import build_model
-    from irkit.pipeline import cache_root
+    from irkit.utils import cache_root
 
     if str(getattr(args, "device", "cpu")) not in ("cpu", "auto"):
         log.warning("--runtime onnx runs on CPU (onnxruntime); --device %s is ignored", args.device)

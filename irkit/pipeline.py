@@ -1,5 +1,6 @@
-"""End to end on a revisitop-layout dataset: extract (cached in feature stores), rank, optionally
-expand queries and re-rank, evaluate. The CLI's `eval` and `test` commands are thin layers over it."""
+"""End to end on a revisitop-layout dataset: extract (cached in feature stores), rank through the
+one exact Index, optionally expand queries and re-rank, evaluate. The CLI's `eval`, `test` and
+`demo` commands are thin layers over it."""
 from __future__ import annotations
 
 import logging
@@ -12,17 +13,17 @@ import numpy as np
 
 from irkit.data.revisitop import RevisitopDataset, load_revisitop
 from irkit.errors import ConfigError
+from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks
 from irkit.extract import Item, check_scales, extract_to_store, model_config
 from irkit.models.base import GlobalModel
+from irkit.search import qe as qe_mod
+from irkit.search.index import Index
+from irkit.search.rerank import CVNetScorer, rerank
+from irkit.search.spatial import FileSpatialScorer
+from irkit.store import config_hash
+from irkit.utils import cache_root
 
 log = logging.getLogger(__name__)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where dataset feature stores are cached: ``cache_dir``, $IRKIT_CACHE, or ~/.cache/irkit."""
-    if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("IRKIT_CACHE", Path.home() / ".cache" / "irkit"))
 
 
 @dataclass
@@ -60,8 +61,6 @@ def extract_dataset(ds: RevisitopDataset, model: GlobalModel, scales: Sequence[f
                     cache_dir: str | os.PathLike | None = None, with_maps: bool = False,
                     progress: bool = True) -> dict[str, Any]:
     """Feature stores of the database and the (bbx-cropped) queries, reused when cached."""
-    from irkit.store import config_hash
-
     scales = check_scales(scales, model)
     tag = f"{model.preset_name}-{config_hash(model_config(model, scales, with_maps))[:12]}"
     base = cache_root(cache_dir) / "datasets" / ds.name / tag
@@ -91,23 +90,26 @@ def aligned_descriptors(store, ids: Sequence[str]) -> np.ndarray:
     return out
 
 
-def global_scores(queries: np.ndarray, database: np.ndarray, qe: QueryExpansion | None = None) -> np.ndarray:
-    """[nq, n_db] dot-product similarities, after optional DBA and query expansion."""
-    from irkit.search import qe as qe_mod
-
+def global_search(queries: np.ndarray, database: np.ndarray, qe: QueryExpansion | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the whole database for every query through an exact :class:`~irkit.search.index.Index`
+    (after optional DBA and query expansion, their neighbours found by the same index):
+    (scores [nq, n_db] in database order, ranks [n_db, nq] revisitop convention)."""
     qe = qe or QueryExpansion()
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    index = Index.build(database, "Flat", progress=False)
     if qe.dba:
-        database = qe_mod.dba(database, qe.dba)
-    if qe.method == "aqe" and qe.k:
-        queries = qe_mod.aqe(queries, database, qe.k)
-    elif qe.method == "alpha" and qe.k:
-        queries = qe_mod.alpha_qe(queries, database, qe.k, qe.alpha)
-    return queries @ database.T
-
-
-def ranks_of(scores: np.ndarray) -> np.ndarray:
-    """[nq, n_db] scores -> [n_db, nq] rankings (descending, ties by index)."""
-    return np.argsort(-scores, axis=1, kind="stable").T.copy()
+        k = min(qe.dba, len(database) - 1)
+        database = qe_mod.dba(database, qe.dba, neighbours=index.search(database, k + 1))
+        index = Index.build(database, "Flat", progress=False)
+    if qe.method != "none" and qe.k:
+        neighbours = index.search(queries, min(qe.k, len(database)))
+        queries = (qe_mod.aqe(queries, database, qe.k, neighbours=neighbours) if qe.method == "aqe"
+                   else qe_mod.alpha_qe(queries, database, qe.k, qe.alpha, neighbours=neighbours))
+    top, rows = index.search(queries, len(database))
+    scores = np.empty((len(queries), len(database)), dtype=np.float32)
+    np.put_along_axis(scores, rows, top, axis=1)
+    return scores, rows.T.copy()
 
 
 def evaluate_dataset(data_dir: str | os.PathLike, name: str, model: GlobalModel,
@@ -115,15 +117,12 @@ def evaluate_dataset(data_dir: str | os.PathLike, name: str, model: GlobalModel,
                      cache_dir: str | os.PathLike | None = None, with_maps: bool = False,
                      progress: bool = True) -> DatasetRun:
     """Extract (or reuse) features, rank the database for every query, evaluate E/M/H."""
-    from irkit.eval.revisitop import evaluate_ranks
-
     ds = load_revisitop(data_dir, name)
     scales = check_scales(scales, model)
     stores = extract_dataset(ds, model, scales, cache_dir, with_maps, progress)
     q = aligned_descriptors(stores["queries"], ds.qimlist)
     db = aligned_descriptors(stores["database"], ds.imlist)
-    scores = global_scores(q, db, qe)
-    ranks = ranks_of(scores)
+    scores, ranks = global_search(q, db, qe)
     return DatasetRun(ds, q, db, scores, ranks, evaluate_ranks(ranks, ds.gnd), scales, stores)
 
 
@@ -146,8 +145,6 @@ def make_scorer(run: DatasetRun, model: GlobalModel, method: str):
     """A re-rank scorer for the dataset of ``run``; query handles are query indices."""
     ds = run.dataset
     if method == "cvnet":
-        from irkit.search.rerank import CVNetScorer
-
         reranker = getattr(model, "reranker", None)
         if reranker is None:
             raise ConfigError(f"--rerank cvnet needs a model with a CVNet re-ranker (cvnet-r50, cvnet-r101), "
@@ -155,8 +152,6 @@ def make_scorer(run: DatasetRun, model: GlobalModel, method: str):
         return CVNetScorer(reranker, StoreRows(run.stores["database"], ds.imlist),
                            StoreRows(run.stores["queries"], ds.qimlist))
     if method == "spatial":
-        from irkit.search.spatial import FileSpatialScorer
-
         return FileSpatialScorer([str(p) for p in ds.query_paths], [str(p) for p in ds.db_paths],
                                  query_boxes=ds.query_bbx)
     raise ConfigError(f"unknown re-ranking method {method!r}; use cvnet or spatial")
@@ -168,11 +163,9 @@ def rerank_results(run: DatasetRun, model: GlobalModel, k: int = 100, mode: str 
 
     In ``protocol`` mode each protocol's numbers come from its own candidate list (images it
     ignores skipped, as CVNet/DELG did); the rankings returned are then the Medium protocol's."""
-    from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks
-    from irkit.search.rerank import rerank
-
     out = rerank(run.scores, make_scorer(run, model, method), k=k, lam=lam, mode=mode,
                  gnd=run.dataset.gnd, ranks=run.ranks, progress=progress)
     if mode == "plain":
         return evaluate_ranks(out.ranks["plain"], run.dataset.gnd), out.ranks["plain"]
     return {p: evaluate_ranks(out.ranks[p], run.dataset.gnd)[p] for p in PROTOCOLS}, out.ranks["medium"]
+

@@ -63,3 +63,11 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where derived artifacts are cached (dataset feature stores, ONNX exports, distractors):
+    ``cache_dir``, else $IRKIT_CACHE, else ~/.cache/irkit."""
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("IRKIT_CACHE", Path.home() / ".cache" / "irkit"))

@@ -203,7 +203,7 @@ def open_distractors(distractors: str | os.PathLike, *, distractors_root: str | 
                           "and a model so the distractors can be extracted")
     from irkit.data.distractors import load_distractors
     from irkit.extract import Item, check_scales, extract_to_store, model_config
-    from irkit.pipeline import cache_root
+    from irkit.utils import cache_root
 
     dset = load_distractors(path, distractors_root)
     scales = check_scales(scales, model)
