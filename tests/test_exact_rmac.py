@@ -21,9 +21,11 @@ SIZES = range(1, 161)
 def reference_levels(W: int, H: int, L: int, ovr: float = 0.4) -> list[list[tuple[int, int, int, int]]]:
     """rmac_regionvec_act.m, level by level (boxes x1, y1, x2, y2, end-exclusive, 0-based)."""
     w = min(W, H)
-    steps = np.array([2, 3, 4, 5, 6, 7])
-    b = (max(H, W) - w) / (steps - 1)                        # float64, as MATLAB
-    idx = int(np.argmin(np.abs((w ** 2 - w * b) / w ** 2 - ovr))) + 1   # argmin: first minimum
+    errs = []
+    for steps in (2, 3, 4, 5, 6, 7):
+        b = (max(H, W) - w) / (steps - 1)                    # float64, as MATLAB
+        errs.append(abs((w ** 2 - w * b) / w ** 2 - ovr))
+    idx = errs.index(min(errs)) + 1                          # MATLAB min: the first minimum
     Wd = idx if H < W else 0
     Hd = idx if H > W else 0
     levels = []
