@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from irkit.cli import main as cli_main
+from irkit.data.labelled import load_labelled
 from irkit.data.synthetic_pairs import ViewConfig, make_textured_scene, random_view
 from irkit.errors import ConfigError, DatasetError
 from irkit.search.clean import (CleanConfig, candidate_pairs, clean_dataset, connected_components,
-                                read_labelled_set, select_components)
+                                select_components)
 
 VIEW = ViewConfig(out_size=(180, 240), crop_frac=(0.7, 0.9), max_rotation_deg=10, max_perspective=0.08,
                   occlusion_prob=0.3)
@@ -57,8 +58,8 @@ def _read_clean(path):
 
 def test_clean_folder_layout_drops_planted(tmp_path):
     _noisy_set(tmp_path / "in")
-    data = read_labelled_set(tmp_path / "in")
-    assert sorted(data.classes) == ["class0", "class1"]
+    data = load_labelled(tmp_path / "in")
+    assert data.class_names == ["class0", "class1"]
     out = tmp_path / "out"
     summary = clean_dataset(data, out, CleanConfig(min_inliers=15), progress=False)
     kept = _read_clean(out / "train_clean.csv")
@@ -91,8 +92,8 @@ def test_clean_folder_layout_drops_planted(tmp_path):
 
 def test_clean_gldv2_csv_with_descriptors_and_cli(tmp_path, capsys):
     truth = _noisy_set(tmp_path, layout="csv")
-    data = read_labelled_set(tmp_path / "train.csv")
-    assert sorted(data.classes) == ["0", "1"] and len(data.paths) == 10
+    data = load_labelled(tmp_path / "train.csv")
+    assert data.class_names == ["0", "1"] and len(data.paths) == 10
     # precomputed "global descriptors": one direction per scene + noise -> shortlist of 2 per image
     rng = np.random.default_rng(0)
     desc = {}
@@ -137,10 +138,10 @@ def test_graph_helpers():
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(DatasetError):
-        read_labelled_set(tmp_path / "nothing")
+        load_labelled(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError):
-        read_labelled_set(tmp_path / "empty")
+        load_labelled(tmp_path / "empty")
 
 
 def test_unreadable_images_are_reported_not_fatal(tmp_path):
@@ -154,8 +155,19 @@ def test_unreadable_images_are_reported_not_fatal(tmp_path):
         seen.extend(p.name for p in paths)
         return np.ones((len(paths), 4))
 
-    summary = clean_dataset(read_labelled_set(tmp_path / "in"), tmp_path / "out", descriptor_fn=descriptor_fn,
+    summary = clean_dataset(load_labelled(tmp_path / "in"), tmp_path / "out", descriptor_fn=descriptor_fn,
                             progress=False)
     assert sorted(seen) == ["v0.jpg", "v1.jpg", "v2.jpg"]
     assert summary["unreadable"] == 1 and summary["kept"] == 3
     assert "broken" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_ids_must_be_unique_and_without_spaces(tmp_path):
+    """Ids go into train_clean.csv: a name shared by two classes, or one with a space, is refused up front."""
+    for c in ("a", "b"):
+        _save(tmp_path / "dup" / c / "same.jpg", make_textured_scene((96, 96), rng=1))
+    with pytest.raises(DatasetError, match="appears twice"):
+        clean_dataset(load_labelled(tmp_path / "dup"), tmp_path / "o1", progress=False)
+    _save(tmp_path / "sp" / "a" / "has space.jpg", make_textured_scene((96, 96), rng=1))
+    with pytest.raises(DatasetError, match="spaces"):
+        clean_dataset(load_labelled(tmp_path / "sp"), tmp_path / "o2", progress=False)

@@ -9,8 +9,8 @@ import pytest
 
 from irkit.data.collection import load_collection
 from irkit.data.distractors import combined_database, load_distractors
-from irkit.data.gldv2 import (image_path, load_image_ids, load_retrieval_solution, load_train_clean,
-                              load_train_csv)
+from irkit.data.gldv2 import image_path, load_image_ids, load_retrieval_solution
+from irkit.data.labelled import gldv2_csv
 from irkit.data.revisitop import load_gnd, load_revisitop
 from irkit.errors import DatasetError
 
@@ -230,24 +230,28 @@ def test_gldv2_layout():
 def test_gldv2_train_clean_and_train(tmp_path):
     clean = tmp_path / "train_clean.csv"
     clean.write_text("landmark_id,images\n7,aaa111 aaa222\n3,bbb111\n7000,ccc1 ccc2 ccc3\n")
-    tc = load_train_clean(clean)
+    tc = gldv2_csv(clean, tmp_path / "img")
     assert tc.ids == ["aaa111", "aaa222", "bbb111", "ccc1", "ccc2", "ccc3"]
-    assert tc.landmark_ids.tolist() == [7, 7, 3, 7000, 7000, 7000]
-    assert tc.classes.tolist() == [3, 7, 7000] and tc.num_classes == 3
+    assert [int(tc.class_names[c]) for c in tc.labels] == [7, 7, 3, 7000, 7000, 7000]  # the landmark ids
+    assert tc.class_names == ["3", "7", "7000"] and tc.num_classes == 3  # numeric order, not "3" < "7000" < "7"
     assert tc.labels.tolist() == [1, 1, 0, 2, 2, 2]
+    assert tc.paths[3] == tmp_path / "img" / "c" / "c" / "c" / "ccc1.jpg"
+    assert gldv2_csv(clean).paths[0] == tmp_path / "a" / "a" / "a" / "aaa111.jpg"  # default root: the CSV's folder
     train = tmp_path / "train.csv"
     train.write_text("id,url,landmark_id\nabc1,http://x/1.jpg,5\nabc2,http://x/2.jpg,2\n")
-    t = load_train_csv(train)
+    t = gldv2_csv(train)
     assert t.ids == ["abc1", "abc2"] and t.urls[0] == "http://x/1.jpg" and t.labels.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("loader, text, match", [
-    (load_train_clean, "landmark,images\n1,a\n", "missing column"),
-    (load_train_clean, "landmark_id,images\nx,abc\n", "not an integer"),
-    (load_train_clean, "landmark_id,images\n1,\n", "lists no images"),
-    (load_train_clean, "landmark_id,images\n1,abc\n2,abc\n", "appears twice"),
-    (load_train_clean, "landmark_id,images\n", "no images"),
-    (load_train_csv, "id,url,landmark_id\n,u,1\n", "empty id"),
+    (gldv2_csv, "landmark,images\n1,a\n", "missing column"),
+    (gldv2_csv, "landmark_id,images\nx,abc\n", "not an integer"),
+    (gldv2_csv, "landmark_id,images\n1,\n", "lists no images"),
+    (gldv2_csv, "landmark_id,images\n1,abc\n2,abc\n", "appears twice"),
+    (gldv2_csv, "landmark_id,images\n", "no images"),
+    (gldv2_csv, "id,url,landmark_id\n,u,1\n", "empty id"),
+    (gldv2_csv, "id,url\nabc,u\n", "missing column"),
+    (gldv2_csv, "landmark_id,images\n1,a/b\n", "invalid GLDv2 image id"),
     (load_image_ids, "name\nabc\n", "missing column"),
     (load_image_ids, "id\nabc\nabc\n", "appears twice"),
     (load_retrieval_solution, "id,images,Usage\nq1,abc,Secret\n", "Usage"),

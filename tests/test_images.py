@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from irkit.errors import ConfigError, ImageError
-from irkit.io.images import (InputSpec, crop_bbx, decode_image_bytes, load_image, preprocess,
+from irkit.io.images import (IMAGE_EXTENSIONS, InputSpec, crop_bbx, decode_image_bytes, load_image,
                              resize_max_side, resize_scale, to_tensor)
 
 
@@ -278,12 +278,42 @@ def test_to_tensor_bgr_order():
     np.testing.assert_array_equal(to_tensor(a, plain)[:, 0, 0].numpy(), np.float32([30, 20, 10]) / np.float32(255))
 
 
-def test_preprocess_pipeline():
+def test_multiscale_recipe():
+    """Max side first, then the scale, on uint8, then to_tensor (irkit.extract.scaled_inputs, the one copy)."""
+    from types import SimpleNamespace
+
+    from irkit.extract import scaled_inputs
+
     a = _rgb(60, 100)
     spec = InputSpec(max_side=50)
-    t = preprocess(a, spec, scale=0.5)
-    assert t.shape == (3, 15, 25)
-    assert torch.equal(t, to_tensor(resize_scale(resize_max_side(a, 50), 0.5), spec))
+    t = scaled_inputs(SimpleNamespace(input_spec=spec), a, [0.5, 1.0])
+    assert [x.shape for x in t] == [(3, 15, 25), (3, 30, 50)]
+    assert torch.equal(t[0], to_tensor(resize_scale(resize_max_side(a, 50), 0.5), spec))
+
+
+@pytest.mark.parametrize("ext", IMAGE_EXTENSIONS)
+def test_every_image_extension_decodes(tmp_path, ext):
+    """Each extension in the one list is a format load_image decodes (so listing it is not a lie)."""
+    a = _rgb(12, 16)
+    path = tmp_path / f"x{ext}"
+    img = Image.fromarray(a)
+    (img.convert("L") if ext == ".pgm" else img.quantize(64) if ext == ".gif" else img).save(path)
+    out = load_image(path)
+    assert out.shape == (12, 16, 3) and out.dtype == np.uint8
+    if ext in (".png", ".bmp", ".tif", ".tiff", ".ppm"):  # lossless RGB formats
+        np.testing.assert_array_equal(out, a)
+
+
+def test_one_extension_list():
+    """Collections, training folders, photo pools and cleaning all read the same extensions."""
+    import inspect
+
+    from irkit.data import collection, labelled, synthetic_pairs
+
+    assert IMAGE_EXTENSIONS == tuple(e.lower() for e in IMAGE_EXTENSIONS) and ".gif" in IMAGE_EXTENSIONS
+    for fn in (collection.load_collection, collection.scan_folder, labelled.folder_per_class,
+               synthetic_pairs.photo_pool):
+        assert inspect.signature(fn).parameters["extensions"].default is IMAGE_EXTENSIONS, fn
 
 
 @pytest.mark.parametrize("kw", [{"channel_order": "RGBA"}, {"std": (0.2, 0.0, 0.2)}, {"mean": (1, 2)},

@@ -1,7 +1,8 @@
-"""Dataset loaders: revisitop layout, revisitop1m distractors, user collections, GLDv2."""
+"""Dataset loaders: revisitop layout, revisitop1m distractors, user collections, labelled images, GLDv2."""
 from irkit.data.collection import Collection, load_collection
 from irkit.data.distractors import DistractorSet, combined_database, load_distractors
+from irkit.data.labelled import LabelledImages, load_labelled
 from irkit.data.revisitop import RevisitopDataset, load_gnd, load_revisitop
 
 __all__ = ["Collection", "load_collection", "DistractorSet", "combined_database", "load_distractors",
-           "RevisitopDataset", "load_gnd", "load_revisitop"]
+           "LabelledImages", "load_labelled", "RevisitopDataset", "load_gnd", "load_revisitop"]

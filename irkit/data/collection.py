@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from irkit.errors import DatasetError
+from irkit.io.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Collection:
         return len(self.ids)
 
 
-def load_collection(source: str | os.PathLike, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+def load_collection(source: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
                     recursive: bool = True, root: str | os.PathLike | None = None) -> Collection:
     """A folder (scanned) or a ``.txt``/``.csv`` list file; DatasetError when empty or ambiguous."""
     source = Path(source)
@@ -68,7 +67,7 @@ def _check_unique(ids: list[str], paths: list[Path], source: Path) -> None:
         first[ident] = i
 
 
-def scan_folder(folder: str | os.PathLike, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+def scan_folder(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
                 recursive: bool = True) -> Collection:
     """Every image file under ``folder`` (extension filter, case-insensitive), sorted by relative path."""
     folder = Path(folder)

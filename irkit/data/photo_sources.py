@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from irkit.data.synthetic_pairs import _excluded
 from irkit.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ class PhotoSource:
 
     def photos(self, exclude: Iterable[str] = ()) -> list[Path]:
         """Installed whitelisted photos minus ``exclude`` and minidev's sources ([] when absent)."""
-        from irkit.data.synthetic_pairs import _excluded
-
         d = self.folder()
         if d is None:
             return []
@@ -94,11 +93,6 @@ SOURCES: dict[str, PhotoSource] = {
         "matplotlib", "pip install matplotlib", "public domain (US Navy photo)",
         lambda: _package_dir("matplotlib", "mpl-data", "sample_data"), ("grace_hopper.jpg",)),
 }
-
-
-def available_sources() -> list[str]:
-    """Names of the known photo sources installed on this machine."""
-    return [n for n, s in SOURCES.items() if s.photos()]
 
 
 def minidev_exclusions(gnd_pkl: str | Path | None = None) -> list[str]:

@@ -24,10 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from irkit.errors import ConfigError, DatasetError, ImageError
+from irkit.io.images import IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass(frozen=True)
@@ -288,8 +287,6 @@ class SyntheticPairDataset(Dataset):
         if self.loader is not None:
             img = self.loader(self.paths[i])
         else:
-            from irkit.io.images import load_image  # late: image I/O is optional for pure-array use
-
             img = load_image(self.paths[i])
         h, w = self.size
         interp = cv2.INTER_AREA if img.shape[0] * img.shape[1] > h * w else cv2.INTER_LINEAR

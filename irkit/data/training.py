@@ -6,28 +6,17 @@ positives exist for ranking losses and the same batches feed classification loss
 pure function of (seed, step): resuming at step k replays exactly the batches an uninterrupted run
 would have seen, whatever the number of DataLoader workers.
 
-Sources (each returns a :class:`LabelledImages`):
+Labelled images come from :mod:`irkit.data.labelled` (folder per class, GLDv2 CSV, pairs CSV,
+SfM-120k pickle); this module adds the batches and augmentation on top. Label-free training:
 
-* ``gldv2_clean(csv, image_root)``: GLDv2-clean ``train_clean.csv`` via :mod:`irkit.data.gldv2`.
-* ``folder_per_class(root)``: ``root/<class>/<image>``.
-* ``pairs_csv(csv, root)``: SfM-120k-style tuples as a CSV with header ``query,positive,cluster``
-  (paths relative to ``root``; ``cluster`` an integer 3D-model id). Images become items labelled
-  by cluster; the two images of a pair share a label.
-* ``sfm120k_pickle(pkl, root, split)``: the cirtorch ``retrieval-SfM-120k.pkl`` layout *as I
-  remember it* (unverified): ``db[split]`` with ``cids`` (image ids), ``cluster`` (cluster per
-  image), ``qidxs``/``pidxs`` (query/positive indices into ``cids``); file of id ``cid`` at
-  ``root/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid``. Prefer ``pairs_csv`` when in doubt.
 * ``SyntheticViewSet(photos)``: label-free: every photo is a class; slot 0 of a group is the photo,
   slots >= 1 are random views from :mod:`irkit.data.synthetic_pairs`, and slot 0 carries the box
   (in its pixels) of what slot 1 shows, so region proposals can be supervised.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -36,142 +25,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from irkit.data.labelled import Box, LabelledImages, folder_per_class, gldv2_csv, pairs_csv, sfm120k_pickle
+from irkit.data.synthetic_pairs import ViewConfig, make_textured_scene, overlap_box, random_view
 from irkit.errors import ConfigError, DatasetError
 from irkit.io.images import InputSpec, load_image, to_tensor
 from irkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-@dataclass
-class LabelledImages:
-    """Image files with integer labels in ``[0, num_classes)`` and optional boxes (pixels)."""
-
-    paths: list[Path]
-    labels: np.ndarray
-    num_classes: int
-    boxes: list[Box | None] = field(default_factory=list)
-    class_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if len(self.paths) != len(self.labels):
-            raise DatasetError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        if not self.boxes:
-            self.boxes = [None] * len(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-# ------------------------------------------------------------------------------------- sources
-def gldv2_clean(csv_path: str | os.PathLike, image_root: str | os.PathLike, min_images: int = 1,
-                max_classes: int | None = None) -> LabelledImages:
-    """GLDv2-clean as a classification set (image path + class index); classes with fewer than
-    ``min_images`` images are dropped, ``max_classes`` keeps the first classes (small runs)."""
-    from irkit.data.gldv2 import image_path, load_train_clean
-
-    data = load_train_clean(csv_path)
-    counts = np.bincount(data.labels, minlength=data.num_classes)
-    keep_cls = np.flatnonzero(counts >= min_images)
-    if max_classes is not None:
-        keep_cls = keep_cls[:max_classes]
-    remap = np.full(data.num_classes, -1, dtype=np.int64)
-    remap[keep_cls] = np.arange(keep_cls.size)
-    new = remap[data.labels]
-    sel = np.flatnonzero(new >= 0)
-    if sel.size == 0:
-        raise DatasetError(f"{csv_path}: no class has at least {min_images} images")
-    paths = [image_path(image_root, data.ids[i]) for i in sel]
-    return LabelledImages(paths, new[sel], int(keep_cls.size),
-                          class_names=[str(c) for c in data.classes[keep_cls]])
-
-
-def folder_per_class(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> LabelledImages:
-    """``root/<class>/<images>`` (recursive inside each class folder); classes sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"training folder {root} does not exist")
-    exts = {e.lower() for e in extensions}
-    paths, labels, names = [], [], []
-    for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in cls_dir.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        if not files:
-            continue
-        names.append(cls_dir.name)
-        paths.extend(files)
-        labels.extend([len(names) - 1] * len(files))
-    if not paths:
-        raise DatasetError(f"{root}: no class folders with images ({', '.join(sorted(exts))})")
-    return LabelledImages(paths, np.asarray(labels), len(names), class_names=names)
-
-
-def _pairs_to_items(queries: Sequence[Path], positives: Sequence[Path], clusters: Sequence[int],
-                    source: str) -> LabelledImages:
-    index: dict[Path, int] = {}
-    paths: list[Path] = []
-    raw: list[int] = []
-    for q, p, c in zip(queries, positives, clusters):
-        for path in (q, p):
-            if path not in index:
-                index[path] = len(paths)
-                paths.append(path)
-                raw.append(int(c))
-            elif raw[index[path]] != int(c):
-                raise DatasetError(f"{source}: image {path} is listed under clusters {raw[index[path]]} and {c}")
-    if not paths:
-        raise DatasetError(f"{source}: no pairs")
-    uniq, labels = np.unique(np.asarray(raw), return_inverse=True)
-    return LabelledImages(paths, labels, int(uniq.size), class_names=[str(u) for u in uniq])
-
-
-def pairs_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> LabelledImages:
-    """Tuples CSV with header ``query,positive,cluster`` (relative paths resolve against ``root``,
-    default the CSV's folder)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DatasetError(f"pairs CSV {path} not found")
-    base = Path(root) if root else path.parent
-    qs, ps, cs = [], [], []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"query", "positive", "cluster"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {sorted(missing)}; expected query,positive,cluster")
-        for lineno, row in enumerate(reader, 2):
-            try:
-                cs.append(int(row["cluster"]))
-            except (TypeError, ValueError):
-                raise DatasetError(f"{path}:{lineno}: cluster {row['cluster']!r} is not an integer") from None
-            qs.append(base / row["query"].strip())
-            ps.append(base / row["positive"].strip())
-    return _pairs_to_items(qs, ps, cs, str(path))
-
-
-def sfm120k_pickle(pkl_path: str | os.PathLike, root: str | os.PathLike, split: str = "train") -> LabelledImages:
-    """cirtorch's SfM-120k pickle (layout from memory, unverified; see the module docstring)."""
-    path = Path(pkl_path)
-    if not path.is_file():
-        raise DatasetError(f"SfM-120k pickle {path} not found")
-    with open(path, "rb") as fh:
-        db = pickle.load(fh)  # noqa: S301 - a dataset file the user chose, as cirtorch distributes it
-    try:
-        part = db[split]
-        cids, cluster, qidxs, pidxs = part["cids"], part["cluster"], part["qidxs"], part["pidxs"]
-    except (KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: not the cirtorch SfM-120k layout (need db[{split!r}] with cids, "
-                           f"cluster, qidxs, pidxs): {exc}") from None
-
-    def file_of(cid: str) -> Path:
-        return Path(root) / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
-
-    qs = [file_of(cids[i]) for i in qidxs]
-    ps = [file_of(cids[i]) for i in pidxs]
-    cs = [int(cluster[i]) for i in qidxs]
-    return _pairs_to_items(qs, ps, cs, str(path))
+# the readers that irkit.train imports from here; new code imports them from irkit.data.labelled
+gldv2_clean = gldv2_csv
+__all__ = ["LabelledImages", "folder_per_class", "gldv2_clean", "pairs_csv", "sfm120k_pickle", "group_seed",
+           "BalancedBatches", "random_resized_crop", "AugmentedImages", "SyntheticViewSet", "synthetic_scenes",
+           "collate"]
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -289,8 +155,6 @@ class SyntheticViewSet(Dataset):
 
     def __init__(self, photos: Sequence[str | os.PathLike], size: int, spec: InputSpec,
                  view_cfg=None, loader: Callable[[Path], np.ndarray] = load_image, cache: bool = True) -> None:
-        from irkit.data.synthetic_pairs import ViewConfig
-
         self.paths = [Path(p) for p in photos]
         if len(self.paths) < 2:
             raise DatasetError("synthetic training needs at least 2 photos")
@@ -302,7 +166,7 @@ class SyntheticViewSet(Dataset):
 
     @property
     def data(self) -> LabelledImages:
-        return LabelledImages(self.paths, self.labels, len(self.paths))
+        return LabelledImages(self.paths, self.labels, [p.stem for p in self.paths])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -318,8 +182,6 @@ class SyntheticViewSet(Dataset):
         return img
 
     def __getitem__(self, key: tuple[int, int, int]):
-        from irkit.data.synthetic_pairs import overlap_box, random_view
-
         index, seed, slot = key
         img = self.photo(index)
         view = random_view(img, np.random.default_rng([seed, max(slot, 1)]), self.view_cfg)
@@ -332,8 +194,6 @@ class SyntheticViewSet(Dataset):
 def synthetic_scenes(folder: str | os.PathLike, n: int, size: int = 256, seed: int = 0) -> list[Path]:
     """Write ``n`` generated textured scenes (PNG) into ``folder`` once; a label-free set for tests
     and learning checks that needs no photos at all."""
-    from irkit.data.synthetic_pairs import make_textured_scene
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 #: (Pillow's hard limit then still applies unless ``PIL.Image.MAX_IMAGE_PIXELS`` is raised).
 DEFAULT_MAX_PIXELS: int = 2 * 89_478_485
 
+#: File extensions (lower case) treated as images everywhere: collections to extract, training
+#: folders, photo pools, cleaning. The one list, so an image that is extracted is also trained on;
+#: each is a format :func:`load_image` decodes (GIF: its first frame).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                                     ".ppm", ".pgm")
+
 INTERPOLATIONS: dict[str, int] = {
     "area": cv2.INTER_AREA,
     "linear": cv2.INTER_LINEAR,
@@ -256,11 +262,3 @@ def to_tensor(img: np.ndarray, spec: InputSpec) -> torch.Tensor:
     std = np.asarray(spec.std, dtype=np.float32)
     x = (x - mean) / std
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
-def preprocess(img: np.ndarray, spec: InputSpec, scale: float = 1.0) -> torch.Tensor:
-    """The multi-scale recipe: ``resize_max_side`` (if ``spec.max_side``), ``resize_scale``, ``to_tensor``."""
-    if spec.max_side is not None:
-        img = resize_max_side(img, spec.max_side, spec.interp_down, spec.interp_up)
-    img = resize_scale(img, scale, spec.interp_down, spec.interp_up)
-    return to_tensor(img, spec)

@@ -6,6 +6,9 @@ other: build a graph whose nodes are the class's images and whose edges are pair
 RANSAC inliers, then keep the largest connected component. GLDv2's ``train_clean.csv`` was made
 the same way.
 
+Input: any labelled layout :func:`irkit.data.labelled.load_labelled` reads (a folder per class,
+a GLDv2 CSV, ...); image ids must be unique and free of whitespace (they go into the CSV).
+
 Pairs to verify: with global descriptors (``descriptors`` mapping id -> vector, or a
 ``descriptor_fn(paths) -> [n, D]`` such as a retrieval model), each image is verified against its
 ``shortlist`` most similar images of the class. Without them, classes of up to ``all_pairs_max``
@@ -35,22 +38,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from irkit.data.labelled import LabelledImages, load_labelled
 from irkit.errors import ConfigError, DatasetError, IrkitError
+from irkit.io.images import load_image
 from irkit.search.spatial import LocalFeatures, SpatialVerifier, inlier_box
 from irkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 DescriptorFn = Callable[[Sequence[Path]], np.ndarray]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-
-@dataclass
-class LabelledSet:
-    """Images grouped by class: ``classes`` maps class name -> image ids; ``paths`` id -> file."""
-
-    classes: dict[str, list[str]]
-    paths: dict[str, Path]
+#: the reader `irkit clean` imports from here (an alias of the one labelled-data reader)
+read_labelled_set = load_labelled
 
 
 @dataclass(frozen=True)
@@ -112,54 +111,18 @@ def parse_keep(keep: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
-def read_class_folders(root: str | os.PathLike) -> LabelledSet:
-    """``root/<class>/*.jpg`` (one level; files directly in ``root`` are ignored). Ids are file stems."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder; give root/<class>/*.jpg or a GLDv2 CSV with --image-root")
-    classes: dict[str, list[str]] = {}
+def class_lists(data: LabelledImages) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """Class name -> image ids, and id -> file. Ids name images in the output CSV and the per-class
+    results, so they must be unique and free of whitespace (DatasetError naming the file otherwise)."""
     paths: dict[str, Path] = {}
-    for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in cdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        ids = []
-        for f in files:
-            ident = f.stem
-            if any(c.isspace() for c in ident):
-                raise DatasetError(f"{f}: image names with spaces cannot be written to a train_clean CSV; rename it")
-            if ident in paths:
-                raise DatasetError(f"image id {ident!r} appears twice ({paths[ident]} and {f}); ids must be unique")
-            paths[ident] = f
-            ids.append(ident)
-        if ids:
-            classes[cdir.name] = ids
-    if not classes:
-        raise DatasetError(f"no class folders with images under {root} (expected root/<class>/*.jpg)")
-    return LabelledSet(classes, paths)
-
-
-def read_gldv2_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike) -> LabelledSet:
-    """A GLDv2 CSV (``id,landmark_id[,url]`` or ``landmark_id,images``) + images at ``root/a/b/c/<id>.jpg``."""
-    from irkit.data import gldv2
-
-    csv_path = Path(csv_path)
-    with open(csv_path, encoding="utf-8", newline="") as fh:
-        header = next(csv.reader(fh), [])
-    labelled = (gldv2.load_train_clean if "images" in [h.strip() for h in header] else gldv2.load_train_csv)(csv_path)
-    classes: dict[str, list[str]] = {}
-    for ident, lm in zip(labelled.ids, labelled.landmark_ids.tolist()):
-        classes.setdefault(str(lm), []).append(ident)
-    paths = {i: gldv2.image_path(image_root, i) for i in labelled.ids}
-    return LabelledSet(classes, paths)
-
-
-def read_labelled_set(source: str | os.PathLike, image_root: str | os.PathLike | None = None) -> LabelledSet:
-    """A folder-per-class root, or a GLDv2 CSV (``image_root`` defaults to the CSV's folder)."""
-    source = Path(source)
-    if source.is_dir():
-        return read_class_folders(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        return read_gldv2_csv(source, image_root if image_root is not None else source.parent)
-    raise DatasetError(f"{source}: expected a folder root/<class>/*.jpg or a GLDv2 .csv file")
+    for ident, path in zip(data.ids, data.paths):
+        if any(c.isspace() for c in ident):
+            raise DatasetError(f"{path}: image names with spaces cannot be written to a train_clean CSV; rename it")
+        if ident in paths:
+            raise DatasetError(f"image id {ident!r} appears twice ({paths[ident]} and {path}); ids must be unique")
+        paths[ident] = path
+    classes = {name: [data.ids[r] for r in rows] for name, rows in data.by_class().items()}
+    return classes, paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +204,6 @@ def clean_class(name: str, ids: Sequence[str], paths: Mapping[str, Path], cfg: C
     shortlist (None: no shortlist model). Unreadable images are reported and dropped (before any
     descriptor is asked for). Thumbnails of dropped images go to ``thumbs_dir``.
     """
-    from irkit.io.images import load_image
-
     feats: list[LocalFeatures] = []
     good: list[int] = []
     images: dict[int, np.ndarray] = {}
@@ -316,7 +277,7 @@ def _descriptor_source(paths: Mapping[str, Path], descriptors: Mapping[str, np.n
     return None
 
 
-def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfig = CleanConfig(),
+def clean_dataset(data: LabelledImages, out_dir: str | os.PathLike, cfg: CleanConfig = CleanConfig(),
                   descriptor_fn: DescriptorFn | None = None,
                   descriptors: Mapping[str, np.ndarray] | None = None,
                   verifier: SpatialVerifier | None = None, progress: bool = True) -> dict:
@@ -330,9 +291,10 @@ def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfi
     verifier = verifier or SpatialVerifier(max_features=cfg.max_features, max_side=cfg.max_side,
                                            reproj_threshold=cfg.reproj_threshold, cache_size=0)
     digest = cfg.digest() + ("-desc" if (descriptors is not None or descriptor_fn is not None) else "")
-    source = _descriptor_source(data.paths, descriptors, descriptor_fn)
+    classes, paths = class_lists(data)
+    source = _descriptor_source(paths, descriptors, descriptor_fn)
     results: list[ClassResult] = []
-    for name, ids in tqdm(data.classes.items(), desc="clean", unit="class", disable=not progress):
+    for name, ids in tqdm(classes.items(), desc="clean", unit="class", disable=not progress):
         key = _class_key(name)
         res_path = out / "classes" / f"{key}.json"
         if res_path.is_file():
@@ -345,7 +307,7 @@ def clean_dataset(data: LabelledSet, out_dir: str | os.PathLike, cfg: CleanConfi
                     continue
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable previous result %s", res_path)
-        res = clean_class(name, ids, data.paths, cfg, verifier, source, thumbs_dir=out / "thumbs" / key)
+        res = clean_class(name, ids, paths, cfg, verifier, source, thumbs_dir=out / "thumbs" / key)
         atomic_write_json(res_path, {"config": digest, "result": asdict(res)})
         results.append(res)
     return write_outputs(results, out, cfg)
