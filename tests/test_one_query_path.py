@@ -123,3 +123,41 @@ def test_engine_and_service_search_options_have_one_default():
 
     assert SearchOptions().qe_k == 2
     assert Engine.__init__.__defaults__[-1] is None  # the service takes SearchOptions() unless told otherwise
+
+
+def test_search_ranking_file_scores_like_the_dataset_pipeline(tmp_path, capsys):
+    """`irkit search … -o` on a revisitop-layout set, then `irkit eval --ranking`: the same numbers as
+    the dataset pipeline's own ranking cut to the same depth (compute_map on a top-k ranking)."""
+    import pickle
+
+    from irkit.eval.revisitop import evaluate_ranks
+    from irkit.models.registry import build_model
+    from irkit.pipeline import evaluate_dataset
+
+    serve_tiny.register()
+    jpg = tmp_path / "toy" / "jpg"
+    pngs = serve_tiny.make_images(tmp_path / "png", 16, seed=3)
+    names = [p.stem for p in pngs]
+    jpg.mkdir(parents=True)
+    for p in pngs:
+        Image.open(p).save(jpg / f"{p.stem}.jpg", quality=95)
+    queries = names[0:8:2]  # each query's partner (i + 1) is its positive, the rest negatives
+    gnd = [{"bbx": [0, 0, 64, 64], "easy": [i + 1], "hard": [i + 8], "junk": [i]} for i in range(0, 8, 2)]
+    with open(tmp_path / "toy" / "gnd_toy.pkl", "wb") as fh:
+        pickle.dump({"imlist": names, "qimlist": queries, "gnd": gnd}, fh)
+    store = tmp_path / "store"
+    assert main(["extract", str(jpg), "-o", str(store), "--model", serve_tiny.PRESET]) == 0
+    out = tmp_path / "r.npz"
+    assert main(["search", *[str(jpg / f"{q}.jpg") for q in queries], "--store", str(store), "--k", "6",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ranking", str(out), "--gnd", str(tmp_path / "toy" / "gnd_toy.pkl"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    run = evaluate_dataset(tmp_path, "toy", build_model(serve_tiny.PRESET), cache_dir=tmp_path / "cache",
+                           progress=False)
+    want = evaluate_ranks(run.ranks[:6], run.dataset.gnd, n_db=16)
+    for protocol in ("easy", "medium", "hard"):
+        for metric in ("map", "mp@1", "mp@5"):
+            assert got[protocol][metric] == pytest.approx(want[protocol][metric], abs=1e-9)
+    assert main(["eval", "--ranking", str(out), "--dataset", "toy", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == got

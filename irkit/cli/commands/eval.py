@@ -19,6 +19,7 @@ from irkit.cli.common import add_model_args, model_from_args
 from irkit.data.revisitop import load_gnd
 from irkit.errors import ConfigError, RankingError
 from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks, format_table, ranks_from_scores
+from irkit.ranking import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = pre.add_mutually_exclusive_group()
     src.add_argument("--ranks", type=Path, help=".npy of 0-based database indices [depth, n_queries], best first: "
                      "a full ranking or each query's top-k (positives beyond the depth count as not retrieved)")
+    src.add_argument("--ranking", type=Path, help="an irkit ranking file (.npz, from `irkit search -o`); its ids "
+                     "are matched to the ground truth's image names (with --gnd, or --dataset/--data-dir)")
     src.add_argument("--scores", type=Path, help=".npy of similarities [n_db, n_queries] (higher = better)")
     pre.add_argument("--query-major", action="store_true",
                      help="the .npy is [n_queries, depth] instead of [depth, n_queries]")
@@ -65,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch on the mode: ``--gnd`` -> precomputed rankings."""
+    if getattr(args, "ranking", None) is not None and args.gnd is None:
+        if not (args.dataset and args.data_dir):
+            raise ConfigError("--ranking needs the ground truth: --gnd GND.pkl, or --dataset NAME --data-dir DIR")
+        args.gnd = Path(args.data_dir) / args.dataset / f"gnd_{args.dataset}.pkl"
     if getattr(args, "gnd", None) is not None:
         return run_precomputed(args)
     if getattr(args, "dataset", None):
@@ -97,9 +104,12 @@ def results_json(results: dict) -> dict:
 
 def run_precomputed(args: argparse.Namespace) -> int:
     """Evaluate a saved ranking (or score matrix) against a gnd pickle."""
-    if args.ranks is None and args.scores is None:
-        raise ConfigError("--gnd needs --ranks RANKS.npy or --scores SCORES.npy")
+    if args.ranks is None and args.scores is None and args.ranking is None:
+        raise ConfigError("--gnd needs --ranking RANKING.npz, --ranks RANKS.npy or --scores SCORES.npy")
     gnd = load_gnd(args.gnd)
+    if args.ranking is not None:
+        ranks = Ranking.load(args.ranking).to_ranks(gnd["imlist"], gnd["qimlist"])
+        return _print_results(args, evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS, n_db=len(gnd["imlist"])))
     what = "ranks" if args.ranks is not None else "scores"
     arr = _load_npy(args.ranks if args.ranks is not None else args.scores, what)
     if arr.ndim != 2:
@@ -122,7 +132,10 @@ def run_precomputed(args: argparse.Namespace) -> int:
     if what == "ranks" and ranks.shape[0] < n_db:
         log.info("top-%d rankings of a %d-image database: positives beyond them count as not retrieved",
                  ranks.shape[0], n_db)
-    results = evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS, n_db=n_db)
+    return _print_results(args, evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS, n_db=n_db))
+
+
+def _print_results(args: argparse.Namespace, results: dict) -> int:
     if args.json:
         print(json.dumps(results_json(results)))
     else:
