@@ -6,8 +6,11 @@ Python API (imported lazily, so `import irkit` stays cheap)::
     import irkit
     model = irkit.build_model("effnetlite2-gem")              # or "cvnet-r50", weights="ckpt.pyth"
     store = irkit.extract("photos/", "store/", model=model)    # resumable feature store
-    engine = irkit.SearchEngine.open("store/")                 # faiss index, QE, re-ranking
+    irkit.build_index(store, "IVF1024,PQ64")                   # optional: saved beside the store
+    engine = irkit.SearchEngine.open("store/")                 # the store's index, QE, re-ranking
     hits = engine.search_file("query.jpg", k=10)
+    engine.search_files(queries).save("ranking.npz")           # ranking file ...
+    irkit.evaluate_ranking("ranking.npz", "gnd_roxford5k.pkl")  # ... scored with revisitop
 """
 from __future__ import annotations
 
@@ -21,8 +24,14 @@ _LAZY = {
     "list_presets": ("irkit.models.registry", "list_presets"),
     "FeatureStore": ("irkit.store", "FeatureStore"),
     "SearchEngine": ("irkit.search.engine", "SearchEngine"),
+    "SearchOptions": ("irkit.search.engine", "SearchOptions"),
+    "build_index": ("irkit.search.indexing", "build_index"),
+    "open_index": ("irkit.search.indexing", "open_index"),
+    "Ranking": ("irkit.ranking", "Ranking"),
+    "evaluate_ranking": ("irkit.pipeline", "evaluate_ranking"),
     "evaluate_dataset": ("irkit.pipeline", "evaluate_dataset"),
     "embed_files": ("irkit.extract", "embed_files"),
+    "find_duplicates": ("irkit.search.dedup", "find_duplicates"),
 }
 
 

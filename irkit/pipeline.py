@@ -11,11 +11,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from irkit.data.revisitop import RevisitopDataset, load_revisitop
+from irkit.data.revisitop import RevisitopDataset, load_gnd, load_revisitop
 from irkit.errors import ConfigError
 from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks
 from irkit.extract import Item, check_scales, extract_to_store, model_config
 from irkit.models.base import GlobalModel
+from irkit.ranking import Ranking
 from irkit.search import qe as qe_mod
 from irkit.search.index import Index
 from irkit.search.rerank import CVNetScorer, rerank
@@ -169,3 +170,12 @@ def rerank_results(run: DatasetRun, model: GlobalModel, k: int = 100, mode: str 
         return evaluate_ranks(out.ranks["plain"], run.dataset.gnd), out.ranks["plain"]
     return {p: evaluate_ranks(out.ranks[p], run.dataset.gnd)[p] for p in PROTOCOLS}, out.ranks["medium"]
 
+
+def evaluate_ranking(ranking: Ranking | str | os.PathLike, gnd_path: str | os.PathLike,
+                     kappas: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """The evaluate step on a ranking file (``irkit search -o``): its ids matched to the ground
+    truth's names, truncated rankings scored as revisitop's compute_map does."""
+    ranking = ranking if isinstance(ranking, Ranking) else Ranking.load(ranking)
+    gnd = load_gnd(gnd_path)
+    ranks = ranking.to_ranks(gnd["imlist"], gnd["qimlist"])
+    return evaluate_ranks(ranks, gnd["gnd"], kappas=kappas, n_db=len(gnd["imlist"]))

@@ -73,7 +73,7 @@ def test_errors(files, capsys):
     cases = [
         (["eval"], "nothing to evaluate"),
         (["eval", "--ranks", str(r)], "nothing to evaluate"),
-        (["eval", "--gnd", str(g)], "needs --ranks"),
+        (["eval", "--gnd", str(g)], "needs --ranking"),
         (["eval", "--gnd", str(tmp / "none.pkl"), "--ranks", str(r)], "none.pkl not found"),
         (["eval", "--gnd", str(g), "--ranks", str(tmp / "none.npy")], "none.npy not found"),
         (["eval", "--gnd", str(g), "--ranks", str(qm)], "--query-major"),

@@ -19,7 +19,7 @@ from irkit.cli.common import add_model_args, model_from_args
 from irkit.data.revisitop import load_gnd
 from irkit.errors import ConfigError, RankingError
 from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks, format_table, ranks_from_scores
-from irkit.ranking import Ranking
+from irkit.pipeline import QueryExpansion, evaluate_dataset, evaluate_ranking, rerank_results
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,9 @@ def run_precomputed(args: argparse.Namespace) -> int:
     """Evaluate a saved ranking (or score matrix) against a gnd pickle."""
     if args.ranks is None and args.scores is None and args.ranking is None:
         raise ConfigError("--gnd needs --ranking RANKING.npz, --ranks RANKS.npy or --scores SCORES.npy")
-    gnd = load_gnd(args.gnd)
     if args.ranking is not None:
-        ranks = Ranking.load(args.ranking).to_ranks(gnd["imlist"], gnd["qimlist"])
-        return _print_results(args, evaluate_ranks(ranks, gnd["gnd"], kappas=KAPPAS, n_db=len(gnd["imlist"])))
+        return _print_results(args, evaluate_ranking(args.ranking, args.gnd, KAPPAS))
+    gnd = load_gnd(args.gnd)
     what = "ranks" if args.ranks is not None else "scores"
     arr = _load_npy(args.ranks if args.ranks is not None else args.scores, what)
     if arr.ndim != 2:
@@ -145,8 +144,6 @@ def _print_results(args: argparse.Namespace, results: dict) -> int:
 
 def run_dataset(args: argparse.Namespace) -> int:
     """Extract (cached), rank, optionally QE and re-rank, evaluate; print the table or JSON."""
-    from irkit.pipeline import QueryExpansion, evaluate_dataset
-
     if not args.data_dir:
         raise ConfigError("--dataset needs --data-dir (the folder holding <dataset>/)")
     if args.distractors and (args.rerank != "none" or args.qe != "none" or args.dba or args.report):
@@ -165,8 +162,6 @@ def run_dataset(args: argparse.Namespace) -> int:
                                             scales=run_.scales, cache_dir=args.cache_dir, progress=not args.json)
         label = f"global, +{results.get('n_distractors', '?')} distractors"
     if args.rerank != "none":
-        from irkit.pipeline import rerank_results
-
         results, ranks = rerank_results(run_, model, args.topk, mode=args.rerank_mode, method=args.rerank, lam=args.lam)
         label = f"re-ranked ({args.rerank}, top {args.topk}, {args.rerank_mode} candidates, lambda {args.lam})"
     if args.report:
