@@ -25,8 +25,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import pickle
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from irkit.errors import CheckpointError, ConfigError
@@ -202,15 +204,25 @@ def require_pretrained_weights(variant: str) -> Path:
 def efficientnet_lite(variant: str = "lite2", pretrained: bool = False,
                       num_classes: int | None = 1000) -> EfficientNetLite:
     """Build a variant; ``pretrained`` loads the packaged ImageNet weights strictly (the classifier
-    is dropped, with a log line, when ``num_classes`` is None)."""
-    from irkit.models.checkpoints import load_strict, read_checkpoint
+    is dropped, with a log line, when ``num_classes`` is None).
 
+    The packaged file is a plain state dict in this module's key layout, so it is read here with
+    ``torch.load`` rather than through :mod:`irkit.models.checkpoints` (which handles published
+    checkpoints' wrappers and partial loads, and sits in a higher layer)."""
     model = EfficientNetLite(variant, num_classes=num_classes)
     if pretrained:
         path = require_pretrained_weights(model.variant)
-        state = read_checkpoint(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read the packaged EfficientNet-{model.variant} weights "
+                                  f"({str(exc).splitlines()[0]}); reinstall {_package_name(model.variant)}") from exc
         if num_classes is None:
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
             log.info("EfficientNet-%s: ImageNet classifier _fc dropped (features only)", model.variant)
-        load_strict(model, state, source=str(path))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match EfficientNet-{model.variant}: "
+                                  f"{str(exc).splitlines()[0]}") from exc
     return model

@@ -132,10 +132,6 @@ def pycls_key_to_torchvision(key: str) -> str:
     return key
 
 
-def pycls_to_torchvision(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {pycls_key_to_torchvision(k): v for k, v in state.items()}
-
-
 def torchvision_to_pycls(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {torchvision_key_to_pycls(k): v for k, v in state.items()}
 
