@@ -13,6 +13,7 @@ import io
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import serve_tiny  # noqa: E402
 from irkit.serve.app import create_app  # noqa: E402
 from irkit.serve.engine import Limits  # noqa: E402
-from irkit.store import MAPS_FILE, FeatureStore  # noqa: E402
+from irkit.store import FeatureStore  # noqa: E402
 
 TOKEN = "fault-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -98,12 +99,25 @@ def _writer(url: str, mode: str, prefix: str, deletable: list[str], acked_adds: 
             i += 1
 
 
-@pytest.mark.parametrize("mode", ["add", "delete", "mixed"])
+def _saved_index(store: Path) -> list[Path]:
+    return sorted(p for p in store.iterdir() if p.is_file() and "index" in p.name and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("mode", ["add", "delete", "mixed", "index-update"])
 def test_kill_9_during_writes_loses_nothing(tmp_path, mode):
+    """``index-update``: the store has a saved index (``irkit index``) that the server re-saves after
+    every 2 changes, so kills land while the index file is being written."""
     serve_tiny.register()
     store = serve_tiny.build_store(tmp_path, n=300 if mode == "delete" else 12)
     log = tmp_path / "server.log"
-    args = ("--max-k", str(MAX_K), "--workers", "2")
+    args: tuple[str, ...] = ("--max-k", str(MAX_K), "--workers", "2")
+    if mode == "index-update":
+        res = subprocess.run([sys.executable, str(Path(serve_tiny.__file__).resolve()), "index", str(store)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _saved_index(store), f"`irkit index` saved no index file in {store}: {os.listdir(store)}"
+        args += ("--index-save-every", "2")
+        mode = "mixed"
     acked_adds: set[str] = set()
     acked_deletes: set[str] = set()
     deletable = list(FeatureStore.open(store).ids) if mode != "add" else []
@@ -131,6 +145,8 @@ def test_kill_9_during_writes_loses_nothing(tmp_path, mode):
         uploads = store / "uploads"
         orphans = [p.name for p in uploads.iterdir() if p.name not in paths] if uploads.is_dir() else []
         assert not orphans, f"upload files no indexed image refers to: {orphans[:5]}"
+        if "--index-save-every" in args:
+            assert _saved_index(store), "the saved index file disappeared"
         # the service still writes: one more add and one delete, then consistent again
         r = c.post("/images", headers=AUTH, data={"ids": "after-kill"},
                    files={"images": ("a.png", png_bytes(77), "image/png")})

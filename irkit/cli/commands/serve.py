@@ -33,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image pixel limit (default 40M)")
     p.add_argument("--max-k", type=int, default=200, help="largest k a search may ask for (default 200)")
     p.add_argument("--index", default=None,
-                   help="faiss index factory (default: the index `irkit index` saved with the store, else Flat = exact)")
+                   help="faiss index factory (default: the index `irkit index` saved with the store, "
+                        "else Flat = exact)")
+    p.add_argument("--index-save-every", type=int, default=100,
+                   help="save a saved index again after this many adds/removals (default 100; it is also "
+                        "saved at shutdown, and brought up to date from the store after a crash)")
     p.set_defaults(func=run)
 
 
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.queue < 0 or args.max_upload_mb <= 0 or args.max_pixels < 1 or args.max_k < 1:
         raise ConfigError("--workers, --max-upload-mb, --max-pixels and --max-k must be positive; --max-queue >= 0")
+    if args.index_save_every < 1:
+        raise ConfigError(f"--index-save-every must be >= 1, got {args.index_save_every}")
     if not (args.queue_timeout >= 0 and args.body_timeout >= 0):
         raise ConfigError("--queue-timeout and --body-timeout must be >= 0 seconds")
     if not 0 < args.port < 65536:
@@ -52,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         log.warning("listening on %s without a token: the server is read-only", args.host)
     limits = Limits(max_body_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                    max_k=args.max_k)
+                    max_k=args.max_k, index_save_every=args.index_save_every)
     app = create_app(args.store, args.model, args.token, weights=args.weights, device=args.device,
                      limits=limits, workers=args.workers, queue=args.queue,
                      queue_timeout=args.queue_timeout, body_timeout=args.body_timeout, index_factory=args.index)
