@@ -116,6 +116,6 @@ def storage_error(err: BaseException) -> IrkitError | None:
     if os_err is None:
         return None
     if os_err.errno in DISK_FULL_ERRNOS:
-        return InsufficientStorage("the server's disk is full: the images were not added and nothing changed; "
+        return InsufficientStorage("the server's disk is full: this change was not saved (nothing changed); "
                                    "free disk space on the server and retry")
     return Forbidden(f"the server cannot write its store ({os_err.strerror}): adds and removals are disabled")
