@@ -134,3 +134,17 @@ def test_plot_false_writes_no_png(tmp_path, scenes):
     summary = Trainer(cfg).fit()
     assert summary["files"]["learning_curve"] is None and not (tmp_path / "learning_curve.png").exists()
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_folder_kind_applies_min_images_and_max_classes(tmp_path):
+    from irkit.train.data_kinds import load_source
+
+    for c, n in (("a", 3), ("b", 1), ("c", 2), ("d", 2)):
+        for i in range(n):
+            (tmp_path / "f" / c).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "f" / c / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    base = ["data.kind=folder", f"data.path={tmp_path / 'f'}", f"out_dir={tmp_path / 'o'}"]
+    data, label_free, _ = load_source(make_config("joint", base))
+    assert not label_free and data.num_classes == 4 and len(data) == 8
+    data, _, _ = load_source(make_config("joint", base + ["data.min_images=2", "data.max_classes=2"]))
+    assert data.class_names == ["a", "c"] and data.labels.tolist() == [0, 0, 0, 1, 1]

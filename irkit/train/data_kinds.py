@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from irkit.data import training as T
+from irkit.data.labelled import LabelledImages, folder_per_class, gldv2_csv, pairs_csv, sfm120k_pickle
 from irkit.data.photo_sources import locate_photo_pool
 from irkit.data.synthetic_pairs import photo_pool
 from irkit.errors import ConfigError
@@ -30,7 +31,7 @@ class DataKind:
     positives are synthetic views of it."""
 
     name: str
-    load: Callable[[Any], tuple[T.LabelledImages, str]]
+    load: Callable[[Any], tuple[LabelledImages, str]]
     label_free: bool
     description: str
 
@@ -44,7 +45,7 @@ class TrainData:
     labels: np.ndarray
     num_classes: int
     description: str
-    source: T.LabelledImages
+    source: LabelledImages
     label_free: bool
 
 
@@ -68,11 +69,12 @@ def get_data_kind(name: str) -> DataKind:
     return DATA_KINDS[name]
 
 
-def _photos(paths: list[Path], desc: str) -> tuple[T.LabelledImages, str]:
-    return T.LabelledImages(list(paths), np.arange(len(paths)), len(paths)), desc
+def _photos(paths: list[Path], desc: str) -> tuple[LabelledImages, str]:
+    """Label-free: every photo is its own class (named after the file)."""
+    return LabelledImages(list(paths), np.arange(len(paths)), [Path(p).name for p in paths]), desc
 
 
-def _synthetic(cfg) -> tuple[T.LabelledImages, str]:
+def _synthetic(cfg) -> tuple[LabelledImages, str]:
     D = cfg.data
     if D.path and D.path != "auto":
         return _photos(photo_pool(D.path, exclude=D.exclude), f"photos under {D.path}")
@@ -80,7 +82,7 @@ def _synthetic(cfg) -> tuple[T.LabelledImages, str]:
     return _photos(locate_photo_pool(srcs, exclude=D.exclude), f"photos from photo sources {D.photo_sources}")
 
 
-def _scenes(cfg) -> tuple[T.LabelledImages, str]:
+def _scenes(cfg) -> tuple[LabelledImages, str]:
     D = cfg.data
     folder = Path(D.path or Path(cfg.out_dir) / "scenes")
     return _photos(T.synthetic_scenes(folder, D.num_scenes, size=max(256, D.image_size), seed=cfg.seed),
@@ -91,29 +93,25 @@ for _kind in (
     DataKind("synthetic", _synthetic, True, "label-free: photos (data.path, or data.photo_sources when "
              "'auto'), views of one photo are positives"),
     DataKind("scenes", _scenes, True, "label-free: data.num_scenes generated textured scenes"),
-    DataKind("gldv2", lambda c: (T.gldv2_clean(c.data.path, c.data.image_root, min_images=c.data.min_images,
-                                               max_classes=c.data.max_classes), f"gldv2 {c.data.path}"),
-             False, "GLDv2-clean train_clean.csv (data.path) + image root (data.image_root)"),
-    DataKind("pairs", lambda c: (T.pairs_csv(c.data.path, c.data.image_root or None), f"pairs {c.data.path}"),
+    DataKind("gldv2", lambda c: (gldv2_csv(c.data.path, c.data.image_root or None), f"gldv2 {c.data.path}"),
+             False, "GLDv2 train_clean.csv / train.csv (data.path) + image root (data.image_root)"),
+    DataKind("pairs", lambda c: (pairs_csv(c.data.path, c.data.image_root or None), f"pairs {c.data.path}"),
              False, "CSV query,positive,cluster (SfM-120k style)"),
-    DataKind("sfm120k", lambda c: (T.sfm120k_pickle(c.data.path, c.data.image_root, c.data.split),
+    DataKind("sfm120k", lambda c: (sfm120k_pickle(c.data.path, c.data.image_root, c.data.split),
                                    f"sfm120k {c.data.path}"), False, "cirtorch retrieval-SfM-120k.pkl"),
-    DataKind("folder", lambda c: (T.folder_per_class(c.data.path), f"folder {c.data.path}"), False,
+    DataKind("folder", lambda c: (folder_per_class(c.data.path), f"folder {c.data.path}"), False,
              "one sub-folder per class"),
 ):
     register_data_kind(_kind)
 
 
-def load_source(cfg) -> tuple[T.LabelledImages, bool, str]:
-    """(images with labels, label-free?, description) of ``cfg.data``; ``data.max_classes`` keeps the
-    first classes (gldv2 applies it while reading)."""
+def load_source(cfg) -> tuple[LabelledImages, bool, str]:
+    """(images with labels, label-free?, description) of ``cfg.data``; labelled kinds keep the classes
+    with at least ``data.min_images`` images, and any kind the first ``data.max_classes`` classes."""
     kind = get_data_kind(cfg.data.kind)
     data, desc = kind.load(cfg)
-    m = cfg.data.max_classes
-    if m and kind.name != "gldv2" and data.num_classes > m:
-        keep = np.flatnonzero(data.labels < m)
-        data = T.LabelledImages([data.paths[i] for i in keep], data.labels[keep], m,
-                                [data.boxes[i] for i in keep], data.class_names[:m])
+    if cfg.data.max_classes or (cfg.data.min_images > 1 and not kind.label_free):
+        data = data.filter_classes(1 if kind.label_free else cfg.data.min_images, cfg.data.max_classes)
     return data, kind.label_free, f"{len(data)} images in {data.num_classes} classes ({desc})"
 
 
