@@ -364,3 +364,37 @@ def test_past_a_small_queue_503_carries_retry_after(tmp_path):
         assert stats["rejected"] + stats["timed_out"] == codes.count(503), stats
         assert stats["queue"] == 2 and stats["queue_timeout_s"] == 0.5
         assert_clean_log(server)
+
+
+def test_clients_that_hang_up_while_queued_leave_the_queue(tmp_path):
+    """Queued requests whose clients disconnect are dropped before they run: their places free up."""
+    serve_tiny.register()
+    store = serve_tiny.build_store(tmp_path, n=40)
+    with serve_tiny.LiveServer(store, tmp_path / "server.log", "--workers", "1", "--max-queue", "100",
+                               "--queue-timeout", "60") as server:
+        boundary = "qb"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"rerank\"\r\n\r\ntrue\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + png_bytes(5, 64) + f"\r\n--{boundary}--\r\n".encode()
+        request = (f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        socks = []
+        for _ in range(30):              # re-ranked searches, one worker: most of them wait in the queue
+            s = _connect(server)
+            s.sendall(request)
+            socks.append(s)
+        time.sleep(0.5)                  # bodies read, requests queued
+        for s in socks:
+            _reset(s)
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                pool = c.get("/stats").json()["pool"]
+                if pool["pending"] == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert pool["pending"] == 0, pool
+            assert pool["abandoned"] >= 1, pool
+            assert pool["completed"] + pool["abandoned"] <= 30 + 1, pool   # nothing ran twice
+            assert c.post("/search", json={"id": "img001", "k": 3}).status_code == 200
+        assert_clean_log(server)
