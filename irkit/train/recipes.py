@@ -140,9 +140,6 @@ class Recipe(nn.Module):
         own = {id(p) for p in self.model.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
-    def embed(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
         raise NotImplementedError
 
