@@ -530,8 +530,8 @@ class FeatureStore:
             rows = sorted(self._pos[i] for i in ids if i in self._pos)
             if not rows:
                 return 0
-            for r in rows:
-                c, local = self._locate(r)
+            located = [self._locate(r) for r in rows]  # all before any change: n_live shifts as rows go
+            for c, local in located:
                 self._chunks[c].deleted.append(int(local))
             for ch in self._chunks:
                 ch.deleted.sort()
