@@ -116,11 +116,9 @@ def test_load_labelled_picks_the_layout(tmp_path):
 def test_names_other_code_imports_still_work(tmp_path):
     """irkit.train and `irkit clean` import these names; they are the labelled module's readers."""
     from irkit.data import training as T
-    from irkit.search import clean
 
     assert T.LabelledImages is L.LabelledImages and T.folder_per_class is L.folder_per_class
     assert T.gldv2_clean is L.gldv2_csv and T.pairs_csv is L.pairs_csv and T.sfm120k_pickle is L.sfm120k_pickle
-    assert clean.read_labelled_set is L.load_labelled
     views = T.SyntheticViewSet([tmp_path / "a.png", tmp_path / "b.png"], 32, spec=None)
     assert views.data.labels.tolist() == [0, 1] and views.data.class_names == ["a", "b"]
     assert np.array_equal(views.labels, views.data.labels)

@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 
 DescriptorFn = Callable[[Sequence[Path]], np.ndarray]
 
-#: the reader `irkit clean` imports from here (an alias of the one labelled-data reader)
-read_labelled_set = load_labelled
-
-
 @dataclass(frozen=True)
 class CleanConfig:
     """min_inliers: an edge needs at least this many RANSAC inliers. shortlist: pairs per image

@@ -39,14 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from irkit.search.clean import CleanConfig, clean_dataset, read_labelled_set
+    from irkit.data.labelled import load_labelled
+    from irkit.search.clean import CleanConfig, clean_dataset
 
     cfg = CleanConfig(min_inliers=args.min_inliers, shortlist=args.shortlist, keep=args.keep,
                       all_pairs_max=args.all_pairs_max, max_side=args.max_side, max_features=args.max_features,
                       reproj_threshold=args.reproj_threshold)
     if args.max_side < 32 or args.max_features < 1:
         raise ConfigError("--max-side must be >= 32 and --max-features >= 1")
-    data = read_labelled_set(args.input, args.image_root)
+    data = load_labelled(args.input, args.image_root)
     descriptor_fn = None
     if args.model:
         # the hook: any callable paths -> [n, D] works; here a preset's global descriptors
