@@ -398,3 +398,17 @@ def test_clients_that_hang_up_while_queued_leave_the_queue(tmp_path):
             assert pool["completed"] + pool["abandoned"] <= 30 + 1, pool   # nothing ran twice
             assert c.post("/search", json={"id": "img001", "k": 3}).status_code == 200
         assert_clean_log(server)
+
+
+@pytest.mark.parametrize("flag,value", [("--queue-timeout", "-1"), ("--body-timeout", "-2"), ("--max-queue", "-1"),
+                                        ("--index-save-every", "0")])
+def test_serve_refuses_bad_queue_flags(tmp_path, flag, value):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res = subprocess.run([sys.executable, str(Path(serve_tiny.__file__).resolve()), "serve", "--store",
+                          str(tmp_path), flag, value], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert flag in res.stderr + res.stdout, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
