@@ -39,10 +39,24 @@ def layer_of(module: str) -> int | None:
     return None
 
 
+def _is_main_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":`` — a program entry point, run only as a script, never on import."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _nodes(tree: ast.AST):
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(c for c in ast.iter_child_nodes(node) if not _is_main_guard(c))
+
+
 def imports_of(path: Path, module: str) -> set[str]:
     out = set()
     is_pkg = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("irkit"))
         elif isinstance(node, ast.ImportFrom):
@@ -51,7 +65,8 @@ def imports_of(path: Path, module: str) -> set[str]:
                 pkg = module.split(".") if is_pkg else module.split(".")[:-1]
                 base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
             if base.startswith("irkit"):
-                out.add(base)
+                if base != "irkit":  # `from irkit import distributed` names a submodule, not the API
+                    out.add(base)
                 out.update(f"{base}.{a.name}" for a in node.names)  # `from irkit.x import submodule`
     return out
 
@@ -105,7 +120,8 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-def test_the_walker_sees_lazy_imports(tmp_path):
+def test_the_walker_sees_lazy_imports_and_skips_script_entry_points(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from irkit.serve import app\n    import irkit.cli\n")
+    src.write_text("def f():\n    from irkit.serve import app\n    import irkit.cli\n"
+                   "if __name__ == '__main__':\n    from irkit.train import trainer\n")
     assert imports_of(src, "irkit.nn.m") == {"irkit.serve", "irkit.serve.app", "irkit.cli"}

@@ -17,7 +17,7 @@ from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, build_model, get_preset, register_preset
 from irkit.nn.pooling import GeM
 from irkit.train.data_kinds import data_kind_names
-from irkit.train.recipes import RECIPES, get_recipe, recipe_names
+from irkit.train.registry import RECIPES, get_recipe, recipe_names
 from irkit.train.trainer import CONFIG_DIR, Trainer, make_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

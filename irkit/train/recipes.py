@@ -30,145 +30,24 @@ model runs once per image.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from irkit.errors import ConfigError
-from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
 from irkit.models.region_rmac import FeatureTap, RegionModel
 from irkit.nn.region_proposals import ProposalConfig, proposal_loss
 from irkit.train import distributed as D
-from irkit.train.data_kinds import TrainData, build_dataset
 from irkit.train.losses import (ContrastiveLoss, CurricularFace, JointLoss, MadaCos, MomentumContrastiveLoss,
                                 MomentumEncoder, TripletLoss, local_triplet_loss)
+from irkit.train.recipe_base import Recipe, register
 from irkit.train.miners import ConfusionNegativeSampler, batch_hard_triplets, contrastive_pairs, hardest_negatives
 
 log = logging.getLogger(__name__)
-
-RECIPES: dict[str, type["Recipe"]] = {}
-
-
-def register(name: str, summary: str) -> Callable[[type["Recipe"]], type["Recipe"]]:
-    """Class decorator: the one registry of recipes (CLI, YAML configs and validation read it);
-    ``irkit/configs/<name>.yaml`` holds the recipe's defaults."""
-    def deco(cls: type["Recipe"]) -> type["Recipe"]:
-        if name in RECIPES:
-            raise ValueError(f"recipe {name!r} registered twice")
-        RECIPES[name] = cls
-        cls.name, cls.summary = name, summary
-        return cls
-    return deco
-
-
-def get_recipe(name: str) -> type["Recipe"]:
-    _load_recipe_modules()
-    if name not in RECIPES:
-        raise ConfigError(f"unknown training recipe {name!r}; available: {', '.join(recipe_names())}")
-    return RECIPES[name]
-
-
-def recipe_names() -> list[str]:
-    _load_recipe_modules()
-    return sorted(RECIPES)
-
-
-def _load_recipe_modules() -> None:
-    """Recipes that live in modules of their own register on import."""
-    import irkit.train.recipes_rerank  # noqa: F401  (imports this module: loaded on first lookup)
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """BatchNorm layers of ``module`` in eval mode with frozen affine parameters (fine-tuning from
-    pretrained weights with small per-GPU batches)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-
-class Recipe(nn.Module):
-    """Base: holds ``model`` (the GlobalModel being trained); subclasses add heads and the loss.
-
-    The Trainer drives every recipe through the same hooks: ``build_data`` (classmethod) ->
-    ``setup`` -> per step ``batches`` / ``before_step`` / ``forward`` / ``after_step`` ->
-    ``validate`` at evaluation points -> ``export`` / ``export_config`` at checkpoints."""
-
-    name = "base"
-    summary = ""                   # one line for the CLI's help
-    in_batch_positives = True      # needs data.per_class >= 2
-
-    def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.num_classes = int(num_classes)
-        self.step = 0  # set by the trainer before each forward (schedules inside recipes)
-
-    # ----------------------------------------------------------------------- config and data
-    @classmethod
-    def check_config(cls, cfg) -> list[str]:
-        """Recipe-specific config errors (empty when fine)."""
-        if cls.in_batch_positives and cfg.data.per_class < 2:
-            return [f"recipe {cls.name} needs in-batch positives: data.per_class >= 2"]
-        return []
-
-    @classmethod
-    def build_data(cls, cfg, spec: InputSpec) -> TrainData:
-        """The training data (default: image batches of ``data.kind``)."""
-        return build_dataset(cfg, spec)
-
-    def setup(self, trainer: Any) -> None:
-        """Called once by ``fit`` after any checkpoint is restored, before the first step."""
-
-    def batches(self, trainer: Any, start: int) -> Iterable[dict[str, Tensor]]:
-        """Batches for steps ``start, start + 1, …`` (default: the trainer's class-balanced images)."""
-        return trainer.image_batches(start)
-
-    # ----------------------------------------------------------------------------- training
-    def freeze_bn(self) -> None:
-        """Applied after ``train()`` when BatchNorm is frozen (``model.bn``)."""
-        freeze_batchnorm(self.model)
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters that are not the model's (given the head learning-rate multiplier)."""
-        own = {id(p) for p in self.model.parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def before_step(self, trainer: Any) -> None:
-        """Called before every forward with the trainer (data-dependent set-up: CFCD's stage-1
-        predictions over the training set)."""
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Called after every optimiser step (EMA updates)."""
-
-    def validate(self, trainer: Any) -> dict[str, float]:
-        """Recipe-specific validation metrics at each evaluation point (logged to eval.csv)."""
-        return {}
-
-    # ------------------------------------------------------------------------------- export
-    def export(self) -> GlobalModel:
-        """The inference model to checkpoint and evaluate."""
-        return self.model
-
-    def export_config(self) -> dict[str, Any]:
-        """Extra fields for the checkpoint JSON (``preset``/``options`` here override the config's,
-        so that ``build_model(preset, weights=..., **options)`` rebuilds the exported model)."""
-        return {}
-
-    def summary_extras(self) -> dict[str, Any]:
-        """Extra fields of the run summary."""
-        return {}
-
 
 # ---------------------------------------------------------------------------------- cvnet-global
 @register("cvnet-global", "CurricularFace + momentum contrast (CVNet-Global)")

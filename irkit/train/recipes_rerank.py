@@ -47,7 +47,7 @@ from irkit.train.curriculum import RerankCurriculum, Schedule
 from irkit.train.data_kinds import TrainData, load_source
 from irkit.train.hide_and_seek import hide_and_seek
 from irkit.train.miners import HardNegativeMiner
-from irkit.train.recipes import Recipe, register
+from irkit.train.recipe_base import Recipe, register
 from irkit.utils import atomic_path
 
 log = logging.getLogger(__name__)

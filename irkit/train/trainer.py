@@ -54,7 +54,7 @@ from irkit.train import distributed as D
 from irkit.train.checkpointing import append_csv, latest_checkpoint, truncate_csv, write_checkpoint
 from irkit.train.curves import plot_learning_curve
 from irkit.train.data_kinds import data_kind_names
-from irkit.train.recipes import get_recipe
+from irkit.train.registry import get_recipe
 from irkit.utils import atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)

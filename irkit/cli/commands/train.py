@@ -14,7 +14,7 @@ import sys
 
 from irkit.config import to_dict
 from irkit.errors import ConfigError
-from irkit.train.recipes import get_recipe, recipe_names
+from irkit.train.registry import get_recipe, recipe_names
 from irkit.train.trainer import make_config, train
 
 _FLAGS = {"--resume": 0, "--config": 1, "--print-config": 0}
