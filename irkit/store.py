@@ -538,7 +538,12 @@ class FeatureStore:
                 ch._live = None
             self._manifest["generation"] = self.generation + 1
             self._reindex()
-            self._commit()
+            try:
+                self._commit()
+            except BaseException:  # e.g. ENOSPC: nothing was removed on disk, so nothing is in memory
+                self._manifest = self._read_manifest(self.root) or self._manifest
+                self._load_chunks()
+                raise
             log.info("store %s: removed %d row(s)", self.root, len(rows))
             return len(rows)
 

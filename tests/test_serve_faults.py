@@ -300,9 +300,6 @@ def test_read_only_store_starts_read_only_and_says_so(tmp_path, caplog):
         assert sorted(os.listdir(store)) == sorted(os.listdir(built))
 
 
-@pytest.mark.xfail(strict=True, reason="FeatureStore.remove tombstones rows in memory before its manifest commit "
-                   "and does not roll back when the commit fails (ENOSPC): the server then shows the image "
-                   "as removed while the store on disk still has it (fix in irkit/store.py remove)")
 def test_disk_full_during_delete_is_507_and_changes_nothing(tmp_path, monkeypatch):
     """ENOSPC while the store commits a removal's tombstone: the image stays, everywhere."""
     import irkit.store as store_mod
