@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from irkit.data.photo_sources import locate_photo_pool
 from irkit.data.synthetic_pairs import ViewConfig, make_textured_scene, random_view
 from irkit.errors import DatasetError
 from irkit.io.images import load_image, resize_max_side
@@ -31,8 +32,6 @@ STRONG = replace(MILD, crop_frac=(0.5, 0.7), max_rotation_deg=20.0, max_perspect
 
 def demo_photos() -> list[np.ndarray]:
     """Real photos from installed packages, or generated scenes (with a warning) when none are."""
-    from irkit.data.photo_sources import locate_photo_pool
-
     try:
         paths = locate_photo_pool("auto", min_images=4)
         return [resize_max_side(load_image(p), 512) for p in paths]

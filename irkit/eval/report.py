@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
-from irkit.errors import RankingError
+from irkit.errors import ImageError, RankingError
+from irkit.io.images import crop_bbx, load_image
 from irkit.eval.revisitop import DEFAULT_KAPPAS, PROTOCOLS, check_ranks, format_table, protocol_sets
 from irkit.utils import atomic_path, atomic_write_text
 
@@ -110,7 +112,7 @@ def marks(ranking: np.ndarray, entry: dict, top: int, protocol: str = "medium") 
 # ------------------------------------------------------------------------------------- plots
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import and only reports draw
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -187,11 +189,6 @@ def _thumb(path: Path | None, bbx, dest: Path, rel: str, enabled: bool) -> str |
     if not enabled or path is None:
         return None
     if not dest.exists():
-        from PIL import Image
-
-        from irkit.errors import ImageError
-        from irkit.io.images import crop_bbx, load_image
-
         try:
             img = load_image(path)
             if bbx is not None:

@@ -26,10 +26,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from irkit.errors import ConfigError, RankingError
+from irkit.data.distractors import load_distractors
+from irkit.errors import ConfigError, RankingError, StoreError
 from irkit.eval.revisitop import DEFAULT_KAPPAS, PROTOCOLS, evaluate_positions, protocol_sets
+from irkit.extract import Item, check_scales, extract_to_store, model_config
+from irkit.store import FeatureStore, config_hash
+from irkit.utils import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +106,6 @@ def _as_float32(chunk: np.ndarray) -> np.ndarray:
     if chunk.dtype == np.float32:
         return chunk
     if chunk.dtype == np.float16:
-        import torch
-
         return torch.from_numpy(np.ascontiguousarray(chunk)).float().numpy()
     return chunk.astype(np.float32)
 
@@ -179,15 +182,10 @@ def open_distractors(distractors: str | os.PathLike, *, distractors_root: str | 
 
     With a model, a given store must have been extracted with the same model config, so query,
     database and distractor descriptors are comparable (StoreError / ConfigError otherwise)."""
-    from irkit.errors import StoreError
-    from irkit.store import FeatureStore, config_hash
-
     path = Path(distractors)
     if path.is_dir():
         store = FeatureStore.open(path)
         if model is not None:
-            from irkit.extract import check_scales, model_config
-
             want = config_hash(model_config(model, check_scales(scales, model), False))
             cfg = dict(store.meta.get("config", {}))
             cfg["rerank_maps"] = False
@@ -201,10 +199,6 @@ def open_distractors(distractors: str | os.PathLike, *, distractors_root: str | 
     if distractors_root is None or model is None:
         raise ConfigError(f"--distractors {path} is a list file: give --distractors-root (the image folder) "
                           "and a model so the distractors can be extracted")
-    from irkit.data.distractors import load_distractors
-    from irkit.extract import Item, check_scales, extract_to_store, model_config
-    from irkit.utils import cache_root
-
     dset = load_distractors(path, distractors_root)
     scales = check_scales(scales, model)
     tag = f"{model.preset_name}-{config_hash(model_config(model, scales, False))[:12]}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from irkit.errors import CheckpointError
@@ -30,8 +31,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state: Any = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for bad files
@@ -111,8 +110,6 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], allow_partial: b
 
 def save_irkit_checkpoint(module: nn.Module, config: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``path`` (.safetensors) and ``path.json`` (config), atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")

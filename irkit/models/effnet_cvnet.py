@@ -23,7 +23,7 @@ from irkit.models.cvnet import CVNetReranker
 from irkit.models.effnet import EFFNET_MAX_SIDE, EffNetGeM
 from irkit.models.effnet import convert as effnet_convert
 from irkit.models.registry import Preset, register_preset
-from irkit.nn.backbones.efficientnet_lite import find_pretrained_weights
+from irkit.nn.backbones.efficientnet_lite import EfficientNetLite, find_pretrained_weights
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ def _convert(variant: str) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]
     def convert(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = effnet_convert(state)
         if not any(k.startswith("reranker.") for k in out):
-            from irkit.nn.backbones.efficientnet_lite import EfficientNetLite
-
             c16 = EfficientNetLite(variant, num_classes=None).stride16_channels
             out.update(init_reranker_state(c16))
             log.warning("effnet%s-cvnet: backbone weights only; the CVNet re-ranker is UNTRAINED (seeded init). "

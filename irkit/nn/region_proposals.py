@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from irkit.nn.pooling import RegionProjection, regional_descriptor
+
 _DELTA_CLAMP = math.log(1000.0 / 16)
 
 
@@ -121,16 +123,6 @@ def boxes_to_cells(boxes: Tensor, h: int, w: int) -> Tensor:
     x2 = torch.maximum(b[:, 2].ceil().clamp(max=w), x1 + 1)
     y2 = torch.maximum(b[:, 3].ceil().clamp(max=h), y1 + 1)
     return torch.stack([x1, y1, x2, y2], -1).long()
-
-
-def pool_boxes(fmap: Tensor, boxes: Tensor, kind: str = "max", p: float = 3.0, eps: float = 1e-6) -> Tensor:
-    """Pool one map ``[C, h, w]`` over each float box (map cells) -> ``[n, C]`` ("max", "avg", "gem")."""
-    from irkit.nn.pooling import pool_regions
-
-    h, w = fmap.shape[-2:]
-    if boxes.shape[0] == 0:
-        return fmap.new_zeros((0, fmap.shape[0]))
-    return pool_regions(fmap.unsqueeze(0), boxes_to_cells(boxes, h, w), kind, p, eps)[0]
 
 
 # --------------------------------------------------------------------------------------- the head
@@ -248,8 +240,6 @@ class ProposalRMAC(nn.Module):
     def __init__(self, in_channels: int, cfg: ProposalConfig = ProposalConfig(), out_dim: int | None = None,
                  include_full: bool = True, pool: str = "max", project: bool = True) -> None:
         super().__init__()
-        from irkit.nn.pooling import RegionProjection
-
         self.head = ProposalHead(in_channels, cfg)
         self.include_full = include_full
         self.pool = pool
@@ -271,7 +261,5 @@ class ProposalRMAC(nn.Module):
         return torch.stack([boxes_to_cells(b, h, w) for b in boxes])
 
     def forward(self, fmap: Tensor, boxes: Tensor | None = None) -> Tensor:
-        from irkit.nn.pooling import regional_descriptor
-
         cells = self.regions(fmap) if boxes is None else boxes
         return regional_descriptor(fmap, cells, self.pool, self.proj)

@@ -7,6 +7,7 @@ optionally each image tinted by its best correlation per position (a heat map).
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,8 +16,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from irkit.errors import ConfigError
+from irkit.extract import embed_arrays
 from irkit.io.images import resize_max_side, to_tensor
 from irkit.models.base import GlobalModel
 
@@ -41,8 +44,6 @@ def _scale1_input(model: GlobalModel, img: np.ndarray) -> torch.Tensor:
 
 
 def _global_descriptors(model: GlobalModel, images: Sequence[np.ndarray], scales: Sequence[float] | None) -> np.ndarray:
-    from irkit.extract import embed_arrays
-
     return embed_arrays(model, list(images), scales)
 
 
@@ -154,10 +155,6 @@ def explain_pair(model: GlobalModel, query: np.ndarray, image: np.ndarray, top: 
 def explain_png(model: GlobalModel, query: np.ndarray, image: np.ndarray, top: int = 40, heat: bool = True,
                 height: int = 480) -> bytes:
     """PNG bytes of :func:`explain_pair`'s picture (what the HTTP service returns)."""
-    import io
-
-    from PIL import Image
-
     picture, _ = explain_pair(model, query, image, top=top, heat=heat, height=height)
     buf = io.BytesIO()
     Image.fromarray(picture).save(buf, format="PNG")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from irkit.errors import ConfigError, ImageError
+from irkit.io.images import crop_bbx, load_image
 from irkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,6 @@ class SpatialVerifier:
             hit = self._cached(key)
             if hit is not None:
                 return hit
-            from irkit.io.images import load_image  # late: keeps this module importable alone
-
             img = load_image(Path(img))
         hit = self._cached(key)
         if hit is not None:
@@ -406,8 +405,6 @@ class FileSpatialScorer:
         self.floor, self.cap = floor, cap
 
     def _query(self, j: int) -> LocalFeatures:
-        from irkit.io.images import crop_bbx, load_image
-
         img = load_image(self.query_paths[j])
         if self.query_boxes[j] is not None:
             img = crop_bbx(img, self.query_boxes[j])

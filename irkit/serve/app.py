@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from irkit.errors import IrkitError
 from irkit.models.base import GlobalModel
+from irkit.models.registry import build_model
 from irkit.serve.concurrency import ClientGone, InferencePool
 from irkit.search.engine import QE_METHODS, RERANK_METHODS, SearchOptions
 from irkit.serve.engine import QE_TRUE, RERANK_TRUE, Engine, Limits, Query, thumbnail_url
 from irkit.serve.errors import BadRequest, Busy, Forbidden, PayloadTooLarge, status_of, storage_error
 from irkit.serve.requests import as_box, as_int, as_method, as_str
+from irkit.store import FeatureStore
 from irkit.serve.safety import (BodyLimitMiddleware, SecurityHeadersMiddleware, check_id, check_token,
                                 decode_upload)
 
@@ -86,9 +89,6 @@ def create_app(store_dir: str | Path, model: GlobalModel | str | None = None, to
     client has to deliver its request body (else 408)."""
     limits = limits or Limits()
     if not isinstance(model, GlobalModel):
-        from irkit.models.registry import build_model
-        from irkit.store import FeatureStore
-
         name = model or FeatureStore.open(store_dir).meta.get("model")
         model = build_model(name, weights=weights, device=device)
     read_only = _unwritable(Path(store_dir))
@@ -325,8 +325,6 @@ def _one_file(files: dict[str, list], name: str):
 def _ids_from(fields: dict[str, Any], n: int) -> list[str]:
     raw = fields.get("ids", fields.get("id"))
     if raw is None:
-        import uuid
-
         return [f"upload-{uuid.uuid4().hex[:16]}" for _ in range(n)]
     if not isinstance(raw, str):
         raise BadRequest("ids must be text: comma-separated or repeated 'ids' fields")
