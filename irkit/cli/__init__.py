@@ -2,7 +2,9 @@
 
 Each sub-command lives in its own module under ``irkit/cli/commands/`` and defines
 ``register(subparsers)``, which adds its parser and sets ``func=run`` where ``run(args) -> int``.
-Commands are discovered, so adding one is adding one file.
+Commands are discovered, so adding one is adding one file. Every command module is imported to
+build the parser, so a command imports the library it runs inside ``run`` (lazily): `irkit --help`
+and argument errors then answer without loading torch, faiss or the web stack.
 """
 from __future__ import annotations
 
