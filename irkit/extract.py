@@ -67,14 +67,32 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def stores_levels(model: GlobalModel) -> bool:
+    """Whether the re-rank maps extraction hands out for ``model`` are its re-ranker's prepared
+    levels (packed, see :meth:`irkit.models.cvnet.CVNetReranker.pack`) rather than raw maps."""
+    reranker = getattr(model, "reranker", None)
+    return bool(getattr(reranker, "stores_levels", False))
+
+
+def _stored_maps(model: GlobalModel, fmap: torch.Tensor, raw: bool) -> list[np.ndarray]:
+    """Per-image re-rank maps as a store keeps them: the re-ranker's packed prepared levels (what
+    CVNet re-ranking reads; projected once here instead of at every query), or the raw map."""
+    if raw or not stores_levels(model):
+        return [m.float().contiguous().cpu().numpy() for m in fmap]
+    rr = model.reranker
+    levels = rr.prepare(fmap.float())
+    return [rr.pack([lv[j] for lv in levels]).cpu().numpy() for j in range(fmap.shape[0])]
+
+
 @torch.inference_mode()
 def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
-                  with_maps: bool = False, map_scale_index: int | None = None
+                  with_maps: bool = False, map_scale_index: int | None = None, raw_maps: bool = False
                   ) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Descriptors of images given as per-scale input tensors ``inputs[i][s]``.
 
     Images whose inputs have the same shapes at every scale run as one batch. With ``with_maps``,
-    the re-rank map is taken at scale index ``map_scale_index`` (the scale 1.0 input)."""
+    the re-rank map is taken at scale index ``map_scale_index`` (the scale 1.0 input): for a CVNet
+    re-ranker its packed prepared levels (unless ``raw_maps``, for stores that hold raw maps)."""
     device = next(model.parameters()).device
     n = len(inputs)
     descs: list[torch.Tensor | None] = [None] * n
@@ -89,8 +107,8 @@ def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
             with _autocast(device):
                 if with_maps and s == map_scale_index:
                     desc, fmap = model.embed_and_map(batch)
-                    for j, i in enumerate(members):
-                        maps[i] = fmap[j].float().contiguous().cpu().numpy()
+                    for i, m in zip(members, _stored_maps(model, fmap, raw_maps)):
+                        maps[i] = m
                 else:
                     desc = model(batch)
             per_scale_out.append(F.normalize(desc.float(), dim=-1))
@@ -175,6 +193,8 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
     store = FeatureStore.open_or_create(store_dir, model=model.preset_name,
                                         config=model_config(model, scales, with_maps),
                                         dim=model.dim, dtype=dtype)
+    # a store begun before irkit stored prepared levels keeps raw maps (one format per store)
+    raw_maps = bool(with_maps and store.meta.get("map_channels") not in (None, _level_channels(model)))
     items = list(items)
     _check_unique_ids(items)
     todo = [it for it in items if it.id not in store]  # earlier failures are retried (maybe fixed since)
@@ -191,7 +211,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
     pending_maps: list[np.ndarray] = []
 
     def run_batch() -> None:
-        descs, maps = embed_tensors(model, buf_inputs, with_maps, map_index)
+        descs, maps = embed_tensors(model, buf_inputs, with_maps, map_index, raw_maps)
         pending_ids.extend(i.id for i in buf_items)
         pending_paths.extend(i.path for i in buf_items)
         pending_desc.append(descs)
@@ -245,6 +265,10 @@ def extract(images: str | Path | Sequence[str | Path], store: str | Path, model:
     if isinstance(model, str):
         model = build_model(model, weights=weights, device=device)
     return extract_to_store(model, items, store, scales=scales, with_maps=with_maps, **options)
+
+
+def _level_channels(model: GlobalModel) -> int | None:
+    return model.reranker.conv2ds[0].out_channels if stores_levels(model) else None
 
 
 def _scale_one_index(scales: Sequence[float]) -> int:

@@ -13,38 +13,43 @@ published (``model_state``)           irkit
 ====================================  =====================================================
 
 The re-ranker is split into :meth:`CVNetReranker.prepare` (feature pyramid + projection +
-normalisation, done ONCE per image and cacheable) and :meth:`CVNetReranker.score` (correlation +
-4D encoder, batched over candidates). ``score`` never materialises the full 4D correlation
-[9, hq, wq, hk, wk] (324 MiB for a 1024x768 pair): the first center-pivot layer (stride 2) only
-reads it at strided key positions (its query-dims conv) and at strided query positions (its
-key-dims conv). So each half is computed in chunks of pivot positions, directly in the layout of
-that half's 2D convolution: the cosine of each pivot (its normalised feature resized to the full
-level size: resizing is linear, so resizing features equals resizing their correlation) with every
-position of the other side at the level's own resolution, then resized over those dims as the
-published code does. :meth:`CVNetReranker.correlation` + :meth:`CVNetReranker.forward_reference`
-keep the published order of operations (full tensor) for tests, benchmarks and pictures.
+normalisation, done ONCE per image: extraction stores these levels, packed, see
+:meth:`CVNetReranker.pack`) and :meth:`CVNetReranker.score` (correlation + 4D encoder, batched over
+candidates). ``score`` never materialises the full 4D correlation [9, hq, wq, hk, wk] (324 MiB for
+a 1024x768 pair): the first center-pivot layer (stride 2) only reads it at strided key positions
+(its query-dims conv) and at strided query positions (its key-dims conv). Each half is ONE matmul
+per chunk of pivots, pivot vectors against every level resized to the full level size (resizing is
+linear, so correlating resized features equals resizing their correlation, as the published code
+does), whose output is already the conv's NCHW input. The rest of the encoder runs channels-last
+in place (:func:`irkit.nn.conv4d.center_pivot_conv4d_cl`). All in float32: bfloat16 in the first
+layer moved scores by 1.2e-4, in the later layers by 2.6e-4 (parity checkpoint, 1024x768 minidev
+pairs), beyond the 1e-4 kept against the published route. :meth:`CVNetReranker.correlation` +
+:meth:`CVNetReranker.forward_reference` keep the published order of operations (full tensor) for
+tests, benchmarks and pictures.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from irkit.errors import ConfigError
 from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, register_preset
 from irkit.nn.backbones.resnet import ResNet, pycls_key_to_torchvision, torchvision_key_to_pycls
-from irkit.nn.conv4d import CenterPivotConv4d
+from irkit.nn.conv4d import CenterPivotConv4d, from_channels_last_4d, group_norm_cl
 from irkit.nn.pooling import GeM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CVNET_INPUT_SPEC", "CVNetGlobal", "CVNetReranker", "CVLearner", "CVNet", "branch_size",
+__all__ = ["CVNET_INPUT_SPEC", "Expanded", "CVNetGlobal", "CVNetReranker", "CVLearner", "CVNet", "branch_size",
            "official_to_irkit", "irkit_to_official"]
 
 #: pixel convention of the published weights: BGR, /255, mean/std listed in BGR order
@@ -145,6 +150,43 @@ class CVLearner(nn.Module):
         return self.head(self.first(corr))
 
 
+@dataclass
+class Expanded:
+    """One side of a pair as the fast route reads it: ``dense [b, C, L*h*w]`` (every level
+    bilinearly resized to the full level size, levels concatenated along positions) and
+    ``pivots [b, h'*w'*L, C]`` (the same at the first layer's strided positions, position-major).
+    Resizing is linear, so correlating resized features equals resizing their correlation, which
+    is what the published code does."""
+
+    dense: Tensor
+    pivots: Tensor
+    size: tuple[int, int]
+    pivot_size: tuple[int, int]
+    levels: int
+
+    def nbytes(self) -> int:
+        return self.dense.numel() * self.dense.element_size() + self.pivots.numel() * self.pivots.element_size()
+
+
+def _pivot_conv(pivots: Tensor, dense: Tensor, size: tuple[int, int], nl: int, weight: Tensor,
+                bias: Tensor | None, stride: int, bsz: int, chunk_bytes: int) -> Tensor:
+    """One half of the first center-pivot layer fused with the correlation: for each pivot (``pivots
+    [b, P*L, C]``), the clamped cosines with every dense vector (``dense [b, C, L*N]``) as an
+    ``[L*L, h, w]`` image, convolved with ``weight`` at ``stride``: ``[B, P, O, h', w']``."""
+    npiv = pivots.shape[1] // nl
+    per_pivot = bsz * nl * dense.shape[2] * 4
+    step = max(1, min(npiv, chunk_bytes // max(per_pivot, 1)))
+    pad = weight.shape[-1] // 2
+    outs = []
+    for start in range(0, npiv, step):
+        a = pivots[:, start * nl:(start + step) * nl]                        # [b, p*L, C]
+        p = a.shape[1] // nl
+        corr = torch.matmul(a, dense).clamp_(min=0)                          # [B, p*L, L*N]
+        y = F.conv2d(corr.view(bsz * p, nl * nl, *size), weight, bias, stride=stride, padding=pad)
+        outs.append(y.view(bsz, p, *y.shape[1:]))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
 class CVNetReranker(nn.Module):
     """Correlation-verification re-ranker on stage-3 maps (1024 channels).
 
@@ -171,6 +213,64 @@ class CVNetReranker(nn.Module):
             y = conv(_resize(fmap, branch_size(h, w, scale)))
             levels.append(y / (y.norm(p=2, dim=1, keepdim=True) + COSINE_EPS))
         return levels
+
+    # -- stored form of the prepared levels -------------------------------------------------------
+    @property
+    def stores_levels(self) -> bool:
+        """Whether extraction stores prepared levels (packed, :meth:`pack`) instead of the raw map:
+        only when the two are told apart by their channel count."""
+        return self.conv2ds[0].in_channels != self.conv2ds[0].out_channels
+
+    def _other_positions(self, h: int, w: int) -> int:
+        return sum(math.prod(branch_size(h, w, s)) for i, s in enumerate(self.scales) if i != self._full)
+
+    def pack(self, levels: Sequence[Tensor]) -> Tensor:
+        """Prepared levels of ONE image (each ``[1, C, h_l, w_l]`` or ``[C, h_l, w_l]``) -> one
+        ``[C, h, w + E]`` array (what a FeatureStore keeps as the image's re-rank map): the full
+        level in ``[:, :, :w]``, the other levels flattened, concatenated and zero-padded in the
+        ``E = ceil(rest / h)`` columns after it. Why: the re-ranker needs exactly these (the raw
+        stage-3 map would be projected again at every query), they are 2.3x smaller than the
+        1024-channel map, and the shape alone gives back every level's size (see :meth:`unpack`)."""
+        lv = [t[0] if t.dim() == 4 else t for t in levels]
+        full = lv[self._full]
+        ch, h, w = full.shape
+        rest = torch.cat([t.reshape(ch, -1) for i, t in enumerate(lv) if i != self._full], dim=1)
+        extra = -(-rest.shape[1] // h)
+        tail = full.new_zeros(ch, h * extra)
+        tail[:, :rest.shape[1]] = rest
+        return torch.cat([full, tail.view(ch, h, extra)], dim=2)
+
+    def unpack(self, packed: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`pack`: ``[C, h, W]`` (or ``[1, C, h, W]``) -> levels ``[1, C, h_l, w_l]``."""
+        if packed.dim() == 4:
+            packed = packed[0]
+        ch, h, width = packed.shape
+        w = next((w for w in range(1, width) if w + -(-self._other_positions(h, w) // h) == width), None)
+        if w is None:
+            raise ConfigError(f"a stored re-rank map of shape {tuple(packed.shape)} is neither a raw map "
+                              f"({self.conv2ds[0].in_channels} channels) nor packed re-rank levels")
+        rest = packed[:, :, w:].reshape(ch, -1)
+        out, pos = [], 0
+        for i, s in enumerate(self.scales):
+            if i == self._full:
+                out.append(packed[None, :, :, :w])
+                continue
+            hl, wl = branch_size(h, w, s)
+            out.append(rest[None, :, pos:pos + hl * wl].reshape(1, ch, hl, wl))
+            pos += hl * wl
+        return [t.contiguous() for t in out]
+
+    def levels_of(self, stored: Tensor) -> list[Tensor]:
+        """Prepared levels from what a store holds for one image: packed levels (:meth:`pack`) or,
+        in stores written before irkit stored levels, the raw map ``[C_in, h, w]`` (projected here)."""
+        t = stored if stored.dim() == 4 else stored[None]
+        if t.shape[1] == self.conv2ds[0].in_channels:
+            return self.prepare(t)
+        if t.shape[1] == self.conv2ds[0].out_channels:
+            return self.unpack(t)
+        raise ConfigError(f"a stored re-rank map has {t.shape[1]} channels; this re-ranker reads raw maps of "
+                          f"{self.conv2ds[0].in_channels} or packed levels of {self.conv2ds[0].out_channels}: "
+                          "the store was extracted with another model")
 
     def full_size(self, levels: Sequence[Tensor]) -> tuple[int, int]:
         return tuple(levels[self._full].shape[-2:])
@@ -203,78 +303,70 @@ class CVNetReranker(nn.Module):
         return self.cv_learner(self.correlation(q_levels, k_levels))
 
     # -- fast route ---------------------------------------------------------------------------------
-    def _pivots(self, levels: Sequence[Tensor], stride: int) -> tuple[Tensor, int, int]:
-        """Normalised levels resized to the full level size, at the strided positions only:
-        ``[b, P, L, C]`` (P = strided positions) and the strided grid (h', w')."""
+    def expand(self, levels: Sequence[Tensor], stride: int | None = None) -> Expanded:
+        """What the fast route reads of one side (computed once per image, see :class:`Expanded`)."""
+        s = self.cv_learner.first.stride if stride is None else stride
         size = self.full_size(levels)
-        g = torch.stack([_resize(lv, size)[..., ::stride, ::stride] for lv in levels], dim=1)
-        h2, w2 = g.shape[-2:]
-        return g.flatten(3).permute(0, 3, 1, 2).contiguous(), h2, w2
+        full = [_resize(lv, size) for lv in levels]                       # [b, C, h, w] per level
+        dense = torch.cat([f.flatten(2) for f in full], dim=2)             # [b, C, L*h*w]
+        piv = torch.stack([f[..., ::s, ::s] for f in full], dim=1)        # [b, L, C, h', w']
+        h2, w2 = piv.shape[-2:]
+        pivots = piv.flatten(3).permute(0, 3, 1, 2).reshape(piv.shape[0], h2 * w2 * len(levels), -1)
+        return Expanded(dense.contiguous(), pivots.contiguous(), size, (h2, w2), len(levels))
 
-    def logits(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
-               chunk_bytes: int = 32 << 20) -> Tensor:
-        """Logits [B, 2] for one query (levels of batch 1, or B) against B candidates whose maps
-        have equal size. ``chunk_bytes`` bounds each piece of the correlation computed at once."""
-        bsz = max(q_levels[0].shape[0], k_levels[0].shape[0])
-        return self.cv_learner.head(self._first_layer(q_levels, k_levels, bsz, chunk_bytes))
+    def logits(self, q_levels: Sequence[Tensor] | Expanded, k_levels: Sequence[Tensor] | Expanded,
+               chunk_bytes: int = 4 << 20) -> Tensor:
+        """Logits [B, 2] for one query (batch 1, or B pairs) against B candidates whose maps have
+        equal size. Takes prepared levels or their :meth:`expand`. ``chunk_bytes`` bounds each piece
+        of the correlation computed at once (small pieces stay in cache: 4 MiB measured best).
 
-    def _first_layer(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor], bsz: int,
-                     chunk_bytes: int) -> Tensor:
-        """Output of the first center-pivot conv [B, 16, hq', wq', hk', wk'] (before its GroupNorm),
-        straight from the normalised levels."""
+        Inference runs the 4D encoder channels-last and in place (:func:`center_pivot_conv4d_cl`);
+        with gradients enabled (training) the same first layer feeds the module's own layers."""
+        qx = q_levels if isinstance(q_levels, Expanded) else self.expand(q_levels)
+        kx = k_levels if isinstance(k_levels, Expanded) else self.expand(k_levels)
+        x = self._first_layer_cl(qx, kx, chunk_bytes)
+        cv = self.cv_learner
+        if torch.is_grad_enabled():
+            return cv.head(from_channels_last_4d(x))
+        bsz = x.shape[0]
+        for block in (cv.block1, cv.block2, cv.block3, cv.block4):
+            for i in range(0, len(block), 3):
+                conv, gn = block[i], block[i + 1]
+                if block is not cv.block1:
+                    x = conv.forward_cl(x)
+                group_norm_cl(x, gn.num_groups, gn.weight, gn.bias, gn.eps, relu=True)
+        return cv.mlp(x.reshape(bsz, -1, x.shape[-1]).mean(dim=1))
+
+    def _first_layer_cl(self, qx: Expanded, kx: Expanded, chunk_bytes: int) -> Tensor:
+        """Output of the first center-pivot conv (before its GroupNorm), channels-last
+        ``[B, hq', wq', hk', wk', 16]``, straight from the expanded levels.
+
+        Query-dims half: for each strided key position (pivot), the cosine of its L key-level
+        vectors with every full-size query-level vector is ONE matmul ``[P*L, C] x [C, L*N]`` whose
+        output is already the NCHW input of the 2D conv (channel = key level * L + query level: the
+        conv weight's input channels are permuted to match instead of the data), clamped in place
+        and convolved. Key-dims half the same with the roles swapped (channel order already the
+        published one). Chunked over pivots so that a piece stays within ``chunk_bytes``."""
         first = self.cv_learner.first
         s = first.stride
-        hq, wq = self.full_size(q_levels)
-        hk, wk = self.full_size(k_levels)
-        k_piv, hk2, wk2 = self._pivots(k_levels, s)
-        q_piv, hq2, wq2 = self._pivots(q_levels, s)
-        # query-dims conv at the strided key positions, key-dims conv at the strided query positions
-        out_q = self._pivot_half(q_levels, k_piv, (hq, wq), bsz, first.conv1, s, chunk_bytes, True)
-        out_k = self._pivot_half(k_levels, q_piv, (hk, wk), bsz, first.conv2, s, chunk_bytes, False)
+        bsz = max(qx.dense.shape[0], kx.dense.shape[0])
+        nl = qx.levels
+        (hq2, wq2), (hk2, wk2) = qx.pivot_size, kx.pivot_size
+        w1 = first.conv1.weight
+        w1 = w1.view(w1.shape[0], nl, nl, *w1.shape[2:]).transpose(1, 2).reshape(w1.shape)
+        # query-dims conv at the strided key positions: [B, Pk, O, hq', wq']
+        out_q = _pivot_conv(kx.pivots, qx.dense, qx.size, nl, w1, first.conv1.bias, s, bsz, chunk_bytes)
         och = out_q.shape[2]
-        out = out_k.view(bsz, hq2, wq2, och, hk2, wk2).permute(0, 3, 1, 2, 4, 5).contiguous()
+        # key-dims conv at the strided query positions: [B, Pq, O, hk', wk']
+        out_k = _pivot_conv(qx.pivots, kx.dense, kx.size, nl, first.conv2.weight, first.conv2.bias, s, bsz,
+                            chunk_bytes)
+        out = out_k.view(bsz, hq2, wq2, och, hk2, wk2).permute(0, 1, 2, 4, 5, 3).contiguous()
         del out_k
-        out += out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
-        return out
+        return out + out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 4, 5, 1, 2, 3) \
+            if torch.is_grad_enabled() else out.add_(out_q.view(bsz, hk2, wk2, och, hq2, wq2).permute(0, 4, 5, 1, 2, 3))
 
-    @staticmethod
-    def _pivot_half(dense_levels: Sequence[Tensor], pivots: Tensor, size: tuple[int, int], bsz: int,
-                    conv: nn.Conv2d, stride: int, chunk_bytes: int, pivot_is_key: bool) -> Tensor:
-        """One half of the first center-pivot layer, fused with the correlation.
-
-        For each pivot position of one side (``pivots [b, P, L, C]``, strided, full-size levels),
-        the cosine with every position of each level of the other side (``dense_levels``, at the
-        level's own resolution, as the published code correlates), resized to the full level size
-        ``size`` (bilinear, align_corners=True), stacked to 9 channels (3 * query level + key level),
-        clamped at 0 and convolved with ``conv`` at ``stride``: ``[B, P, O, h', w']``. Chunked over
-        pivots so that no piece exceeds ``chunk_bytes``."""
-        nl, ch = len(dense_levels), pivots.shape[-1]
-        npiv = pivots.shape[1]
-        n = size[0] * size[1]
-        per_pivot = bsz * (nl * nl + 2 * nl) * n * 4      # stacked channels + one level's temporaries
-        step = max(1, min(npiv, chunk_bytes // max(per_pivot, 1)))
-        dense = [lv.flatten(2) for lv in dense_levels]     # [b, C, N_l] views
-        pad = conv.weight.shape[-1] // 2
-        outs = []
-        for start in range(0, npiv, step):
-            piv = pivots[:, start:start + step]                                  # [b, p, L, C]
-            p = piv.shape[1]
-            a = piv.reshape(piv.shape[0], p * nl, ch)
-            corr = a.new_empty(bsz * p, nl, nl, *size)   # [rows, query level, key level, h, w]
-            for li, (d, lv) in enumerate(zip(dense, dense_levels)):
-                c = torch.matmul(a, d).view(bsz * p, nl, *lv.shape[-2:])        # [rows, pivot level, h_l, w_l]
-                c = _resize(c, size)
-                if pivot_is_key:
-                    corr[:, li] = c
-                else:
-                    corr[:, :, li] = c
-            corr = corr.view(bsz * p, nl * nl, *size).clamp_(min=0)
-            y = F.conv2d(corr, conv.weight, conv.bias, stride=stride, padding=pad)
-            outs.append(y.view(bsz, p, *y.shape[1:]))
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-
-    def score(self, q_levels: Sequence[Tensor], k_levels: Sequence[Tensor],
-              chunk_bytes: int = 32 << 20) -> Tensor:
+    def score(self, q_levels: Sequence[Tensor] | Expanded, k_levels: Sequence[Tensor] | Expanded,
+              chunk_bytes: int = 4 << 20) -> Tensor:
         """P(same instance) [B] for one query against B equal-size candidates."""
         return torch.softmax(self.logits(q_levels, k_levels, chunk_bytes), dim=1)[:, 1]
 

@@ -13,13 +13,15 @@ Candidate modes (METHODS.md §1):
 
 Scores are computed once per (query, candidate) even when several protocols share a candidate.
 :class:`CVNetScorer` reads database re-rank maps from any object with ``get_map(i)`` (a
-FeatureStore), projects each map once (LRU cache of the prepared pyramid levels) and batches
-candidates of equal map size within a memory budget.
+FeatureStore: prepared levels, or raw maps in older stores), keeps each image's expanded levels in
+an LRU cache and batches candidates of equal map size within a memory budget, on all cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -151,17 +153,22 @@ def _positions(ranking: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class CVNetScorer:
     """Scores candidates with a :class:`~irkit.models.cvnet.CVNetReranker`.
 
-    ``database``/``queries``: objects with ``get_map(i) -> [C, h, w]`` (FeatureStores). ``score``
-    accepts as query an int (row of ``queries``), a map ``[C, h, w]`` (numpy or tensor), or
-    already prepared levels. Database maps are prepared (resized, projected, normalised) once and
-    kept in an LRU cache of ``cache_bytes``; candidates of equal map size are scored in batches
-    whose estimated working memory stays within ``memory_budget`` bytes (default: one candidate
-    at a time on CPU, 2 GiB on CUDA); ``chunk_bytes`` bounds each piece of the correlation.
+    ``database``/``queries``: objects with ``get_map(i)`` (FeatureStores) returning what extraction
+    stored: packed prepared levels (current stores) or a raw map ``[C, h, w]`` (older stores,
+    projected here once). ``score`` accepts as query an int (row of ``queries``), a stored/raw map
+    (numpy or tensor), or prepared levels. Each database image's expanded levels (what the fast
+    route reads, :meth:`CVNetReranker.expand`) are kept in an LRU cache of ``cache_bytes``;
+    candidates of equal map size are scored in batches whose estimated working memory stays within
+    ``memory_budget`` bytes (batches share the query's half of the correlation: on CPU 4 pairs at
+    once cost 0.6x the time of 4 single pairs); ``chunk_bytes`` bounds each piece of the
+    correlation. ``threads`` sets torch's intra-op threads while scoring (default: torch's setting,
+which is every core unless the program narrowed it; :func:`cores` counts the usable ones).
     """
 
     def __init__(self, reranker: torch.nn.Module, database: Any, queries: Any = None, *,
-                 cache_bytes: int = 1 << 30, memory_budget: int | None = None,
-                 chunk_bytes: int = 32 << 20, device: str | torch.device | None = None) -> None:
+                 cache_bytes: int = 2 << 30, memory_budget: int | None = None,
+                 chunk_bytes: int = 64 << 20, device: str | torch.device | None = None,
+                 threads: int | None = None) -> None:
         if not hasattr(database, "get_map"):
             raise ConfigError("the CVNet scorer needs database re-rank maps: an object with get_map(i), "
                               "e.g. a FeatureStore extracted with maps")
@@ -174,12 +181,10 @@ class CVNetScorer:
         self.chunk_bytes = int(chunk_bytes)
         self.device = torch.device(device) if device is not None else next(reranker.parameters()).device
         if memory_budget is None:
-            # measured on CPU: batching candidates is slower per pair (0.26 s at batch 1, 0.37 s at
-            # 16, 24x32 maps: the working set falls out of cache), so one pair at a time there;
-            # on a GPU, batches fill the device
-            memory_budget = (2 << 30) if self.device.type == "cuda" else 0
+            memory_budget = (2 << 30) if self.device.type == "cuda" else (1 << 30)
         self.memory_budget = int(memory_budget)
-        self._cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self.threads = threads
+        self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cached_bytes = 0
         self.hits = 0
         self.misses = 0
@@ -187,12 +192,12 @@ class CVNetScorer:
     # -- preparing ------------------------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, fmap: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
-        """A raw map [C, h, w] -> prepared levels (each [1, 256, h_l, w_l])."""
+        """A stored map (packed levels or a raw [C, h, w] map) -> prepared levels [1, 256, h_l, w_l]."""
         t = torch.as_tensor(np.asarray(fmap) if not isinstance(fmap, torch.Tensor) else fmap)
         t = t.to(self.device, torch.float32)
-        if t.dim() == 3:
-            t = t.unsqueeze(0)
-        return self.reranker.prepare(t)
+        if hasattr(self.reranker, "levels_of"):
+            return self.reranker.levels_of(t)
+        return self.reranker.prepare(t if t.dim() == 4 else t.unsqueeze(0))
 
     def _query_levels(self, query: Any) -> list[torch.Tensor]:
         if isinstance(query, (list, tuple)) and query and isinstance(query[0], torch.Tensor):
@@ -203,8 +208,8 @@ class CVNetScorer:
             return self.prepare(self.queries.get_map(int(query)))
         return self.prepare(query)
 
-    def levels(self, row: int) -> list[torch.Tensor]:
-        """Prepared levels of database row ``row`` (LRU-cached)."""
+    def levels(self, row: int) -> Any:
+        """Expanded levels of database row ``row`` (LRU-cached)."""
         row = int(row)
         hit = self._cache.get(row)
         if hit is not None:
@@ -212,26 +217,33 @@ class CVNetScorer:
             self.hits += 1
             return hit
         self.misses += 1
-        lv = self.prepare(self.database.get_map(row))
-        size = sum(t.numel() * t.element_size() for t in lv)
+        with torch.inference_mode():
+            ex = self._expand(self.prepare(self.database.get_map(row)))
+        size = _nbytes(ex)
         if size <= self.cache_bytes:
-            self._cache[row] = lv
+            self._cache[row] = ex
             self._cached_bytes += size
             while self._cached_bytes > self.cache_bytes:
                 _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= sum(t.numel() * t.element_size() for t in old)
-        return lv
+                self._cached_bytes -= _nbytes(old)
+        return ex
+
+    def _expand(self, levels: list[torch.Tensor]) -> Any:
+        return self.reranker.expand(levels) if hasattr(self.reranker, "expand") else levels
+
+    def _size(self, ex: Any) -> tuple[int, int]:
+        return tuple(ex.size) if hasattr(ex, "size") and not isinstance(ex, list) else self.reranker.full_size(ex)
 
     # -- scoring ----------------------------------------------------------------------------------
-    @staticmethod
-    def pair_bytes(q_size: tuple[int, int], k_size: tuple[int, int], stride: int = 2) -> int:
-        """Estimated peak working memory of one pair in the 4D encoder (float32): the stride-2
-        first layer's 16-channel output and its temporaries (eight copies: a safe bound; measured 9 MiB
-        for 24x32 maps, 179 MiB for 48x64 with 32 MiB correlation chunks)."""
+    def pair_bytes(self, q_size: tuple[int, int], k_size: tuple[int, int], stride: int = 2) -> int:
+        """Estimated peak working memory one more candidate adds to a batch (float32): three
+        copies of the first layer's 16-channel output (its two halves and their sum), the
+        candidate's piece of a correlation chunk and its expanded levels."""
         cells = 1
         for n in (*q_size, *k_size):
             cells *= -(-n // stride)
-        return 8 * 16 * 4 * cells
+        n_levels = len(getattr(self.reranker, "scales", (0, 0, 0)))
+        return 3 * 16 * 4 * cells + 2 * n_levels * 256 * 4 * (k_size[0] * k_size[1] + q_size[0] * q_size[1])
 
     @torch.inference_mode()
     def score(self, query: Any, candidates: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -240,34 +252,66 @@ class CVNetScorer:
         out = np.zeros(len(cands), dtype=np.float32)
         if len(cands) == 0:
             return out
-        q_levels = self._query_levels(query)
-        q_size = self.reranker.full_size(q_levels)
-        # stream the candidates: group by map size, score a group as soon as it fills a batch, so
-        # at most one batch of prepared maps per size is held besides the cache
-        pending: dict[tuple[int, int], list[tuple[int, list[torch.Tensor]]]] = {}
-        for pos, row in enumerate(cands.tolist()):
-            lv = self.levels(row)
-            k_size = self.reranker.full_size(lv)
-            group = pending.setdefault(k_size, [])
-            group.append((pos, lv))
-            if len(group) >= self.batch_size(q_size, k_size):
-                self._score_batch(q_levels, group, out)
-                group.clear()
-        for group in pending.values():
-            if group:
-                self._score_batch(q_levels, group, out)
+        before = torch.get_num_threads()
+        want = self.threads or before
+        if self.device.type == "cpu" and want != before:
+            torch.set_num_threads(want)
+        try:
+            qx = self._expand(self._query_levels(query))
+            q_size = self._size(qx)
+            # stream the candidates: group by map size, score a group as soon as it fills a batch, so
+            # at most one batch of expanded maps per size is held besides the cache
+            pending: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+            for pos, row in enumerate(cands.tolist()):
+                ex = self.levels(row)
+                k_size = self._size(ex)
+                group = pending.setdefault(k_size, [])
+                group.append((pos, ex))
+                if len(group) >= self.batch_size(q_size, k_size):
+                    self._score_batch(qx, group, out)
+                    group.clear()
+            for group in pending.values():
+                if group:
+                    self._score_batch(qx, group, out)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
         return out
 
     def batch_size(self, q_size: tuple[int, int], k_size: tuple[int, int]) -> int:
         """Candidates of map size ``k_size`` scored together within ``memory_budget``."""
         return max(1, self.memory_budget // max(1, self.pair_bytes(q_size, k_size)))
 
-    def _score_batch(self, q_levels: list[torch.Tensor], group: list[tuple[int, list[torch.Tensor]]],
-                     out: np.ndarray) -> None:
-        k_levels = [torch.cat([lv[i] for _, lv in group]) for i in range(len(q_levels))]
-        s = self.reranker.score(q_levels, k_levels, chunk_bytes=self.chunk_bytes)
+    def _score_batch(self, qx: Any, group: list[tuple[int, Any]], out: np.ndarray) -> None:
+        kx = _stack([ex for _, ex in group])
+        s = self.reranker.score(qx, kx, chunk_bytes=self.chunk_bytes)
         out[[pos for pos, _ in group]] = s.float().cpu().numpy()
 
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
+
+
+def cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _nbytes(ex: Any) -> int:
+    if isinstance(ex, (list, tuple)):
+        return sum(t.numel() * t.element_size() for t in ex)
+    return ex.nbytes()
+
+
+def _stack(items: list[Any]) -> Any:
+    """One batch of candidates: expanded levels stacked along the batch (or raw level lists)."""
+    first = items[0]
+    if isinstance(first, (list, tuple)):
+        return [torch.cat([lv[i] for lv in items]) for i in range(len(first))]
+    if len(items) == 1:
+        return first
+    return dataclasses.replace(first, dense=torch.cat([e.dense for e in items]),
+                               pivots=torch.cat([e.pivots for e in items]))
