@@ -1,7 +1,7 @@
 """CVNet re-ranking of ONE query's top-100: irkit vs the straightforward (published-style) loop.
 
     python bench/rerank.py [--sizes 512x384,1024x768] [--candidates 100] [--naive-candidates 3]
-                           [--threads 1] [--budget-mb MiB]
+                           [--threads N (default: all cores)] [--budget-mb MiB]
 
 Weights: the deterministic random R50 checkpoint of the parity fixtures when ../shared is present
 (realistic activation ranges), else a seeded random init. Images: minidev photos resized to the
@@ -13,12 +13,20 @@ Variants, each in a fresh subprocess (so peak memory is its own):
   image again, build the full 4D correlation [9, hq, wq, hk, wk], run the 4D encoder with the plain
   :func:`conv4d_reference`. Measured on ``--naive-candidates`` candidates and extrapolated linearly
   to ``--candidates`` (said so in the output).
-* ``irkit-cold``: :class:`CVNetScorer` over stored maps (no backbone), every candidate projected
-  (no cache hit), fused correlation + first layer, batched within ``--budget-mb``.
-* ``irkit-warm``: same with every candidate's projected maps already in the scorer's LRU cache
+* ``irkit-cold``: :class:`CVNetScorer` over stored re-rank levels as extraction now stores them
+  (packed prepared levels, float32; no backbone, no projection), nothing cached: every candidate
+  read and expanded, fused correlation + first layer, channels-last encoder, batched within
+  ``--budget-mb``.
+* ``irkit-warm``: same with every candidate's expanded levels already in the scorer's LRU cache
   (the steady state over many queries). The cache itself (``cache MiB/image``, printed) is held
   before the timed section, so it is in the absolute peak but not in the working memory.
-* ``irkit-fp16``: warm, from maps stored as float16 (max score change printed).
+* ``irkit-fp16``: warm, from levels stored as float16 (a FeatureStore's default; max score change
+  printed).
+* ``irkit-raw``: cold, from raw 1024-channel maps (stores written before irkit stored levels).
+
+Also printed: the machine's load (bench/_machine.py; a loud warning when other processes use the
+cores), the FLOPs of one pair in irkit's route and the fraction of the fp32 matmul peak measured in
+the same run (at the same threads) that the warm path reaches.
 
 Memory = peak resident set (VmHWM, reset right before the timed section) minus the resident set
 just before it, i.e. the working memory of the re-ranking itself; the absolute peak is printed too.
@@ -36,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _machine import cores, machine_report, matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -104,11 +114,11 @@ class _Maps:
 
     has_maps = True
 
-    def __init__(self, folder: Path, distinct: int, fp16: bool = False) -> None:
-        self.folder, self.distinct, self.fp16 = folder, distinct, fp16
+    def __init__(self, folder: Path, distinct: int, fp16: bool = False, kind: str = "lv") -> None:
+        self.folder, self.distinct, self.fp16, self.kind = folder, distinct, fp16, kind
 
     def get_map(self, i: int) -> np.ndarray:
-        m = np.load(self.folder / f"map{1 + i % self.distinct}.npy")
+        m = np.load(self.folder / f"{self.kind}{1 + i % self.distinct}.npy")
         return m.astype(np.float16).astype(np.float32) if self.fp16 else m
 
 
@@ -124,8 +134,9 @@ def prepare(folder: Path, size: tuple[int, int], distinct: int) -> None:
     with torch.inference_mode():
         for i, img in enumerate(_images(size, distinct + 1)):
             np.save(folder / f"img{i}.npy", img)
-            fmap = model.rerank_map(to_tensor(img, model.input_spec)[None])[0]
-            np.save(folder / f"map{i}.npy", fmap.numpy())
+            fmap = model.rerank_map(to_tensor(img, model.input_spec)[None])
+            np.save(folder / f"map{i}.npy", fmap[0].numpy())
+            np.save(folder / f"lv{i}.npy", model.reranker.pack(model.reranker.prepare(fmap)).numpy())
 
 
 def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: int) -> dict:
@@ -136,7 +147,9 @@ def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: i
 
     model = _model()
     rr = model.reranker
-    qmap = np.load(folder / "map0.npy")
+    qmap = np.load(folder / ("map0.npy" if variant in ("naive", "irkit-raw") else "lv0.npy"))
+    if variant == "irkit-fp16":
+        qmap = qmap.astype(np.float16).astype(np.float32)
     result: dict = {"variant": variant}
     with torch.inference_mode():
         if variant == "naive":
@@ -159,15 +172,16 @@ def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: i
                 del corr, x
             seconds = time.perf_counter() - t0
         else:
-            store = _Maps(folder, distinct, fp16=variant == "irkit-fp16")
-            warm = variant != "irkit-cold"
+            store = _Maps(folder, distinct, fp16=variant == "irkit-fp16",
+                          kind="map" if variant == "irkit-raw" else "lv")
+            warm = variant not in ("irkit-cold", "irkit-raw")
             scorer = CVNetScorer(rr, store, cache_bytes=(4 << 30) if warm else 0,
                                  memory_budget=None if budget_mb < 0 else budget_mb << 20)
             cands = np.arange(n_cands)
             if warm:   # every candidate row already projected (steady state over many queries)
                 for i in cands:
                     scorer.levels(i)
-                result["cache_mb_per_image"] = scorer._cached_bytes / len(cands) / 2**20
+                result["cache_mb_per_image"] = scorer._cached_bytes / min(len(cands), distinct) / 2**20
                 scorer.hits = scorer.misses = 0
             scorer.score(qmap, cands[:1])   # one-time set-up (kernel weight layouts), as naive's query
             scorer.hits = scorer.misses = 0
@@ -181,6 +195,28 @@ def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: i
     result.update(n_scored=n_cands, seconds=seconds, rss_before_mb=before, peak_mb=mem["VmHWM"],
                   work_peak_mb=mem["VmHWM"] - before, scores=scores, threads=torch.get_num_threads())
     return result
+
+
+def pair_flops(size: tuple[int, int], levels: int = 3, channels: int = 256) -> dict[str, float]:
+    """FLOPs (multiply-add = 2) of one equal-size pair in irkit's route, by part: the two
+    correlation matmuls (pivots x full-size levels), the first center-pivot layer's two 2D convs,
+    and the later 4D layers (each = two 2D convs over strided pivots)."""
+    from irkit.models.cvnet import CVLearner
+
+    h, w = size
+    h2, w2 = -(-h // 2), -(-w // 2)
+    corr = 2 * (2 * (h2 * w2 * levels) * channels * (levels * h * w))
+    first = 2 * (2 * (h2 * w2) * 16 * levels * levels * 25 * (h2 * w2))
+    later, (ch, hh, ww) = 0.0, (16, h2, w2)
+    learner = CVLearner(levels * levels)
+    for block in (learner.block2, learner.block3, learner.block4):
+        for i in range(0, len(block), 3):
+            conv = block[i]
+            s, k, o = conv.stride, conv.conv1.kernel_size[0], conv.conv1.out_channels
+            ho, wo = -(-hh // s), -(-ww // s)
+            later += 2 * (2 * (ho * wo) * o * ch * k * k * (ho * wo))
+            ch, hh, ww = o, ho, wo
+    return {"correlation": corr, "first layer": first, "later layers": later, "total": corr + first + later}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -207,7 +243,8 @@ def main() -> None:
     ap.add_argument("--naive-candidates", type=int, default=3,
                     help="candidates the naive loop really scores (time extrapolated to --candidates)")
     ap.add_argument("--distinct", type=int, default=12, help="distinct database images (candidates cycle)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every variant")
+    ap.add_argument("--threads", type=int, default=cores(), help="intra-op threads of every variant "
+                    "(default: all usable cores)")
     ap.add_argument("--budget-mb", type=int, default=-1,
                     help="irkit's memory budget per batch (default: the scorer's, one pair at a time on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -227,6 +264,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, Path(args.folder), args.n, args.distinct, args.budget_mb)))
         return
 
+    print(machine_report())
+    peak = matmul_peak(args.threads)
+    print(f"fp32 matmul peak measured now (2048^3, {args.threads} thread(s)): {peak:.1f} GFLOP/s")
     print(f"CVNet R50 re-ranking of one query's top-{args.candidates}; {args.threads} thread(s); "
           f"irkit memory budget {'default' if args.budget_mb < 0 else f'{args.budget_mb} MiB'}; weights: "
           f"{'parity random checkpoint' if PARITY.is_dir() else 'seeded random init'}; "
@@ -243,14 +283,14 @@ def main() -> None:
             qshape = np.load(folder / "map0.npy", mmap_mode="r").shape
             corr_mib = 9 * (qshape[1] * qshape[2]) ** 2 * 4 / 2**20
             runs = {v: _run_worker(args, v, folder, args.candidates)
-                    for v in ("irkit-cold", "irkit-warm", "irkit-fp16")}
+                    for v in ("irkit-cold", "irkit-warm", "irkit-fp16", "irkit-raw")}
             runs["naive"] = _run_worker(args, "naive", folder, args.naive_candidates)
         n_naive = args.naive_candidates
         naive_total = runs["naive"]["seconds"] / n_naive * args.candidates
         print(f"\n== {w}x{h} (stage-3 map {qshape[1]}x{qshape[2]}; full 4D correlation {corr_mib:.0f} MiB)")
         print(f"{'variant':<12} {'s/cand':>8} {'s/top-' + str(args.candidates):>10} {'work MiB':>9} "
               f"{'peak MiB':>9}   note")
-        for name in ("naive", "irkit-cold", "irkit-warm", "irkit-fp16"):
+        for name in ("naive", "irkit-cold", "irkit-warm", "irkit-fp16", "irkit-raw"):
             r = runs[name]
             per = r["seconds"] / r["n_scored"]
             note = (f"measured on {n_naive} candidates, time extrapolated" if name == "naive"
@@ -258,6 +298,14 @@ def main() -> None:
                     if "cache_mb_per_image" in r else f"{r['cache_misses']} projected")
             print(f"{name:<12} {per:8.3f} {per * args.candidates:10.1f} {r['work_peak_mb']:9.0f} "
                   f"{r['peak_mb']:9.0f}   {note}")
+        fl = pair_flops((qshape[1], qshape[2]))
+        warm_s = runs["irkit-warm"]["seconds"] / runs["irkit-warm"]["n_scored"]
+        print(f"FLOPs of one pair (irkit route): {fl['total'] / 1e9:.1f} GFLOP (correlation "
+              f"{fl['correlation'] / 1e9:.1f}, first layer {fl['first layer'] / 1e9:.1f}, later layers "
+              f"{fl['later layers'] / 1e9:.1f}); warm path {fl['total'] / warm_s / 1e9:.1f} GFLOP/s = "
+              f"{100 * fl['total'] / warm_s / 1e9 / peak:.0f}% of the matmul peak measured in this run "
+              f"({peak:.1f} GFLOP/s); the peak's floor for top-{args.candidates}: "
+              f"{fl['total'] * args.candidates / peak / 1e9:.1f} s")
         for name in ("irkit-cold", "irkit-warm"):
             r = runs[name]
             print(f"ratio naive / {name}: time {naive_total / r['seconds']:.1f}x, working memory "
@@ -265,13 +313,15 @@ def main() -> None:
                   f"(absolute peak {runs['naive']['peak_mb'] / r['peak_mb']:.1f}x)")
         naive_scores = np.array(runs["naive"]["scores"])
         diffs = {name: float(np.abs(np.array(runs[name]["scores"][:n_naive]) - naive_scores).max())
-                 for name in ("irkit-cold", "irkit-warm")}
+                 for name in ("irkit-cold", "irkit-warm", "irkit-raw")}
         fp16 = float(np.abs(np.array(runs["irkit-fp16"]["scores"]) - np.array(runs["irkit-warm"]["scores"])).max())
-        print(f"scores: max |irkit - naive| cold {diffs['irkit-cold']:.2e}, warm {diffs['irkit-warm']:.2e} "
+        print(f"scores: max |irkit - naive| cold {diffs['irkit-cold']:.2e}, warm {diffs['irkit-warm']:.2e}, "
+              f"raw maps {diffs['irkit-raw']:.2e} "
               f"(scores {naive_scores.min():.4f}..{naive_scores.max():.4f}); "
               f"float16-stored maps vs float32: max |diff| {fp16:.2e} over {args.candidates} candidates")
-        if max(diffs.values()) > 1e-4:
+        if max(diffs.values()) > 1e-4 or fp16 > 1e-4:
             print("WARNING: irkit and the straightforward loop disagree beyond 1e-4")
+    print(machine_report())
 
 
 if __name__ == "__main__":
