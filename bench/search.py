@@ -2,6 +2,7 @@
 
     python bench/search.py                       # 1M x 512-D, then 1M x 2048-D
     python bench/search.py --dims 512 --n 200000 # smaller
+    python bench/search.py --backend milvus --dims 128 --n 100000   # Milvus (Lite) HNSW / IVF_FLAT
 
 Data: L2-normalised vectors around 50k cluster centres, the centres themselves grouped around
 1k "landmarks", so that the exact top-100 of a query (its own cluster plus sibling clusters) is
@@ -112,6 +113,11 @@ def run_dim(args: argparse.Namespace, dim: int, workdir: Path) -> list[dict]:
     print(f"Flat: build {build:.1f}s, {qps_exact:.1f} q/s", flush=True)
     del flat
     gc.collect()
+    if args.backend == "milvus":
+        rows += run_milvus(args, db, q, exact, qps_exact, workdir, dim)
+        del db
+        (workdir / f"db{dim}.npy").unlink()
+        return rows
 
     specs = []
     for fam in (args.indexes or DEFAULT_INDEXES.get(dim, DEFAULT_INDEXES[512])).split(","):
@@ -151,6 +157,46 @@ def run_dim(args: argparse.Namespace, dim: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def run_milvus(args: argparse.Namespace, db: np.ndarray, q: np.ndarray, exact: np.ndarray, qps_exact: float,
+               workdir: Path, dim: int) -> list[dict]:
+    """The same queries through Milvus collections (one per --milvus-indexes type), scored against
+    the exact faiss top-k: build = insert + index, then each search setting's q/s and recall."""
+    from irkit.search.milvus_index import MilvusIndex
+
+    uri = args.uri or str(workdir / "bench_milvus.db")
+    ids = [str(i) for i in range(db.shape[0])]
+    rows = []
+    for itype in args.milvus_indexes.split(","):
+        itype = itype.strip().upper()
+        name = f"bench_{itype.lower()}_{dim}"
+        build_params = {"nlist": args.nlist or int(2 ** round(np.log2(4 * np.sqrt(db.shape[0]))))} \
+            if itype.startswith("IVF") else None
+        t0 = time.perf_counter()
+        idx = MilvusIndex.open(uri, name, dim, index_type=itype, build_params=build_params)
+        idx.drop()
+        idx = MilvusIndex.open(uri, name, dim, index_type=itype, build_params=build_params)
+        for s in range(0, db.shape[0], 50_000):
+            idx.add(np.asarray(db[s:s + 50_000]), ids[s:s + 50_000], batch_size=5000)
+        idx.attach(db, ids)
+        idx.search(q[:2], args.k)  # the first search waits for the index to be built and loaded
+        build = time.perf_counter() - t0
+        print(f"milvus {itype} at {uri}: insert + index {build:.1f}s", flush=True)
+        settings = [{"ef": v} for v in args.ef] if itype.startswith("HNSW") else \
+            [{"nprobe": v} for v in args.nprobe] if itype.startswith("IVF") else [{}]
+        for sp in settings:
+            t0 = time.perf_counter()
+            _, got = idx.search(q, args.k, search_params=sp)
+            qps = q.shape[0] / (time.perf_counter() - t0)
+            label = ",".join(f"{k_}={v}" for k_, v in sp.items())
+            rows.append(dict(index=f"milvus {itype}", params=label, build=build, bytes=0, rss=rss_gib(), qps=qps,
+                             recall=recall_at(got, exact)))
+            print(f"  {label:<28} {qps:9.1f} q/s ({qps / qps_exact:6.1f}x)  recall@{args.k} "
+                  f"{rows[-1]['recall']:.3f}", flush=True)
+        idx.drop()
+        idx.close()
+    return rows
+
+
 def print_table(dim: int, n: int, rows: list[dict], k: int) -> None:
     ref = rows[0]
     print(f"\n### dim {dim}, n={n:,}, k={k} (ratios vs Flat measured in this run)")
@@ -187,6 +233,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: faiss's)")
     p.add_argument("--workdir", default=None, help="where the memmapped database goes (default: a temp dir)")
+    p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="milvus: the approximate indexes are Milvus collections (pip install 'irkit[milvus]')")
+    p.add_argument("--uri", default=None, help="--backend milvus: server URI (default: a Milvus Lite file)")
+    p.add_argument("--milvus-indexes", default="HNSW,IVF_FLAT", help="--backend milvus: index types (comma list)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
