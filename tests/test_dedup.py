@@ -132,12 +132,12 @@ def test_find_duplicates_real_photos(minidev_dir, tmp_path):
     assert res.n_images == 10
 
     # a re-run reuses the store; spatial verification of the band [0.8, 1.0) rescues the crop
-    # (hundreds of homography inliers) and keeps the unrelated photos (cosine < 0.5) apart
+    # (hundreds of SIFT matches, nearly all on one similarity transform) and keeps unrelated photos apart
     res2 = irkit.find_duplicates(tmp_path / "photos", store=tmp_path / "store", model=model, progress=False,
                                  verify=True, margin=0.1)
     assert sorted(sorted(g.ids) for g in res2.groups) == sorted(copies + [sorted([names["orig2"], "copy_crop"])])
     crop_pair = [p for g in res2.groups for p in g.pairs if "copy_crop" in (p["a"], p["b"])]
-    assert crop_pair[0]["inliers"] >= 25 and crop_pair[0]["score"] < 0.9
+    assert crop_pair[0]["inliers"] >= 0.9 * crop_pair[0]["matches"] >= 8 and crop_pair[0]["score"] < 0.9
 
 
 def test_cli_dedup_writes_reports(minidev_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from irkit.cli.common import add_model_args, parse_scales
+from irkit.cli.common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to-remove", action="store_true",
                    help="print the paths to remove (all but the largest image of each group), one a line")
     p.add_argument("--verify", action="store_true",
-                   help="decide the pairs within --margin of the threshold by SIFT spatial verification")
+                   help="decide the pairs within --margin of the threshold by SIFT spatial verification "
+                        "(a similarity transform explaining most matches: a copy, not another view)")
     p.add_argument("--margin", type=float, default=0.05, help="borderline band around the threshold (--verify)")
-    p.add_argument("--min-inliers", type=int, default=25, help="homography inliers that confirm a pair (--verify)")
+    p.add_argument("--min-inliers", type=int, default=8,
+                   help="similarity-transform inliers that confirm a pair (--verify, default 8)")
+    p.add_argument("--min-inlier-ratio", type=float, default=0.9,
+                   help="share of the mutual SIFT matches that must be inliers (--verify, default 0.9)")
     p.add_argument("--k", type=int, default=16, help="neighbours asked per image (grown automatically for big groups)")
     p.add_argument("--no-thumbnails", action="store_true", help="HTML without thumbnails (faster)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     store = args.store or str(out.with_name(out.stem + "_store"))
     result = find_duplicates(args.source, threshold=args.threshold, store=store, model=args.model,
                              weights=args.weights, scales=args.scales or DEFAULT_SCALES, device=args.device,
-                             verify=args.verify, margin=args.margin, min_inliers=args.min_inliers, k=args.k,
+                             verify=args.verify, margin=args.margin, min_inliers=args.min_inliers,
+                             min_inlier_ratio=args.min_inlier_ratio, k=args.k,
                              batch_size=args.batch_size)
     write_json(result, json_path)
     write_html(result, out, thumbnails=not args.no_thumbnails)
