@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -209,10 +211,16 @@ def _file_sha(path: Path) -> str:
 def calibration_inputs(model: GlobalModel, images: Iterable[np.ndarray],
                        scales: Sequence[float] | None = None) -> list[np.ndarray]:
     """Network inputs [1,3,H,W] float32 of uint8 RGB images at each scale (what extraction feeds)."""
-    from irkit.extract import check_scales, scaled_inputs
+    from irkit.io.images import resize_max_side, resize_scale, to_tensor
 
-    scales = check_scales(scales, model)
-    return [t[None].numpy() for img in images for t in scaled_inputs(model, img, scales)]
+    spec = model.input_spec
+    scales = tuple(scales) if scales else tuple(model.default_scales)
+    out = []
+    for img in images:
+        if spec.max_side:  # as irkit.extract.scaled_inputs (not imported: extract imports this module)
+            img = resize_max_side(img, spec.max_side, spec.interp_down, spec.interp_up)
+        out += [to_tensor(resize_scale(img, s, spec.interp_down, spec.interp_up), spec)[None].numpy() for s in scales]
+    return out
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray] | None = None,
@@ -280,3 +288,136 @@ def onnx_model_from_args(args: argparse.Namespace) -> OnnxModel:
     if not path.is_file():
         export_onnx(model, path)
     return OnnxModel(path)
+
+
+# ---------------------------------------------------------------------------- runtime choice
+#: runtimes ``--runtime`` accepts; "auto" = the fastest one measured for the model's family
+RUNTIMES = ("auto", "torch", "onnx")
+#: preset families onnxruntime fp32 runs faster than irkit's torch path on CPU (bench/extract.py,
+#: same run: effnetlite2-gem@448 and resnet50-gem@1024; ResNet-101 shares the ResNet graph). CVNet
+#: presets stay on torch: their extraction also needs the torch stage-3 map, and their parity tests
+#: hold descriptors to 4e-8 of the published code.
+ONNX_FASTER_FAMILIES = ("effnetlite0-gem", "effnetlite1-gem", "effnetlite2-gem", "resnet50-gem", "resnet101-gem")
+#: descriptors of the chosen runtime must be this close to torch fp32 (1 - cosine)
+RUNTIME_TOL = 1e-4
+#: how the exported graph treats input sizes (part of the cache key)
+SIZE_POLICY = "dynamic-hw"
+_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_RUNNERS_LOCK = threading.Lock()
+
+
+def set_runtime(model: nn.Module, runtime: str) -> nn.Module:
+    """Choose how ``model``'s forward runs in :func:`irkit.extract.embed_tensors` (every
+    extraction, ``irkit embed``, search and serve query goes through it): "torch", "onnx" or
+    "auto" (the default, also settable with $IRKIT_RUNTIME)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    object.__setattr__(model, "_irkit_runtime", runtime)
+    with _RUNNERS_LOCK:
+        _RUNNERS.pop(model, None)
+    return model
+
+
+def requested_runtime(model: nn.Module) -> str:
+    runtime = getattr(model, "_irkit_runtime", None) or os.environ.get("IRKIT_RUNTIME", "auto")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"$IRKIT_RUNTIME={runtime!r} is not a runtime; use one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def runtime_of(model: nn.Module) -> str:
+    """The runtime :func:`forward_runner` will try for ``model`` ("torch" or "onnx"), decided
+    without exporting anything (a failed export or check still falls back to torch)."""
+    if getattr(model, "is_onnx", False):
+        return "onnx"
+    runtime = requested_runtime(model)
+    if runtime == "torch" or _device(model).type != "cpu":
+        return "torch"
+    if runtime == "onnx":
+        return "onnx"
+    return "onnx" if getattr(model, "preset_name", None) in ONNX_FASTER_FAMILIES and _have_onnxruntime() else "torch"
+
+
+def forward_runner(model: nn.Module) -> Any:
+    """The callable that computes ``model(x)`` (one scale, [B,3,H,W] -> [B,dim]) the fastest
+    checked way: ``model`` itself, or an onnxruntime session of its export (cached on disk per
+    preset + weights + input-size policy), whose first batch is compared with torch (cosine
+    >= 1 - RUNTIME_TOL; otherwise a warning and torch from then on, or ExportError when "onnx" was
+    asked for explicitly)."""
+    if runtime_of(model) == "torch" or getattr(model, "is_onnx", False):
+        return model
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(model)
+        if runner is None:
+            runner = _build_runner(model)
+            _RUNNERS[model] = runner
+    return runner
+
+
+def _build_runner(model: nn.Module) -> Any:
+    explicit = requested_runtime(model) == "onnx"
+    try:
+        path = onnx_cache_path(model)
+        if not path.is_file():
+            log.info("exporting %s to %s for onnxruntime (once per weights)", model.preset_name, path)
+            export_onnx(model, path, tol=RUNTIME_TOL)
+        return _CheckedOnnx(model, OnnxModel(path, threads=torch.get_num_threads()), explicit)
+    except (ImportError, IrkitError, RuntimeError, OSError) as exc:
+        if explicit:
+            raise ConfigError(f"--runtime onnx: cannot run {getattr(model, 'preset_name', 'the model')} with "
+                              f"onnxruntime: {exc}") from exc
+        log.warning("onnxruntime unavailable for %s (%s); running torch", getattr(model, "preset_name", "model"), exc)
+        return model
+
+
+def onnx_cache_path(model: nn.Module, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache>/onnx/<preset>-<key>.onnx``; the key hashes the model's conventions, its weights
+    (every tensor, so two random initialisations never share a file), the opset and SIZE_POLICY."""
+    from irkit.utils import cache_root
+
+    h = hashlib.sha256(json.dumps([model_metadata(model), DEFAULT_OPSET, SIZE_POLICY], sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return cache_root(cache_dir) / "onnx" / f"{model.preset_name}-{h.hexdigest()[:16]}.onnx"
+
+
+class _CheckedOnnx:
+    """Runs the onnxruntime session; the first batch also runs torch and must agree."""
+
+    def __init__(self, model: nn.Module, onnx_model: OnnxModel, explicit: bool) -> None:
+        self.model, self.onnx_model, self.explicit = model, onnx_model, explicit
+        self.checked = False
+        self.fallback = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.fallback:
+            return self.model(x)
+        out = self.onnx_model(x)
+        if not self.checked:
+            ref = self.model(x).float().cpu()
+            worst = float(torch.nn.functional.cosine_similarity(ref, out, dim=-1).min())
+            self.checked = True
+            if 1.0 - worst > RUNTIME_TOL:
+                msg = (f"onnxruntime descriptors of {self.onnx_model.path} differ from torch (min cosine "
+                       f"{worst:.6f} < 1 - {RUNTIME_TOL})")
+                if self.explicit:
+                    raise ExportError(msg)
+                log.warning("%s; running torch instead", msg)
+                self.fallback = True
+                return ref
+        return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _have_onnxruntime() -> bool:
+    try:
+        import onnx  # noqa: F401  (heavy optional dependencies: imported only when needed)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True

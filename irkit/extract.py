@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from irkit.errors import ConfigError, ImageError
+from irkit.export import forward_runner, runtime_of
 from irkit.io.images import crop_bbx, load_image, resize_max_side, resize_scale, to_tensor
 from irkit.models.base import GlobalModel
 
@@ -94,6 +95,7 @@ def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
     the re-rank map is taken at scale index ``map_scale_index`` (the scale 1.0 input): for a CVNet
     re-ranker its packed prepared levels (unless ``raw_maps``, for stores that hold raw maps)."""
     device = next(model.parameters()).device
+    runner = forward_runner(model)   # the fastest checked runtime (irkit.export); torch otherwise
     n = len(inputs)
     descs: list[torch.Tensor | None] = [None] * n
     maps: list[np.ndarray | None] = [None] * n
@@ -110,7 +112,7 @@ def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
                     for i, m in zip(members, _stored_maps(model, fmap, raw_maps)):
                         maps[i] = m
                 else:
-                    desc = model(batch)
+                    desc = runner(batch)
             per_scale_out.append(F.normalize(desc.float(), dim=-1))
         reduced = reduce_scales(torch.stack(per_scale_out), model.scale_reduce).cpu()
         for j, i in enumerate(members):
@@ -201,7 +203,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
     if len(todo) < len(items):
         log.info("store %s already holds %d of %d images; extracting %d", store_dir,
                  len(items) - len(todo), len(items), len(todo))
-    if optimize and todo:
+    if optimize and todo and runtime_of(model) == "torch":   # onnxruntime runs its own graph rewrites
         model = optimize_for_inference(model)
     buf_items: list[Item] = []
     buf_inputs: list[list[torch.Tensor]] = []

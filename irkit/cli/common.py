@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from irkit.errors import ConfigError
+from irkit.export import RUNTIMES, set_runtime
 from irkit.models.base import GlobalModel
 
 DEFAULT_MODEL = "effnetlite2-gem"
@@ -18,6 +19,14 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = DEFAUL
     group.add_argument("--scales", type=parse_scales, help="comma-separated scales, e.g. 0.7071,1,1.4142 "
                        "(default: the preset's)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+
+
+def add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    """``--runtime auto|torch|onnx`` (see irkit.export.set_runtime)."""
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                        help="how the model runs on CPU: auto (default) = the fastest measured for this preset, "
+                        "onnxruntime for effnetlite*/resnet*-gem (exported once, cached, checked against torch), "
+                        "torch otherwise; torch; onnx")
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -35,4 +44,8 @@ def model_from_args(args: argparse.Namespace) -> GlobalModel:
 
     if not args.model:
         raise ConfigError("no model given: pass --model PRESET")
-    return build_model(args.model, weights=args.weights, allow_partial=args.allow_partial, device=args.device)
+    model = build_model(args.model, weights=args.weights, allow_partial=args.allow_partial, device=args.device)
+    runtime = getattr(args, "runtime", None)
+    if runtime in RUNTIMES:
+        set_runtime(model, runtime)
+    return model

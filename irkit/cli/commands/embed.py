@@ -5,7 +5,7 @@ import argparse
 
 import numpy as np
 
-from irkit.cli.common import add_model_args, model_from_args
+from irkit.cli.common import add_model_args, add_runtime_arg, model_from_args
 from irkit.utils import atomic_path
 
 
@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--output", required=True, help="output .npy ([N, D] float32)")
     add_model_args(p)
+    add_runtime_arg(p)
     p.set_defaults(func=run)
 
 
