@@ -210,3 +210,33 @@ def test_config_errors(photos, cache, tmp_path):
         _cfg(photos, tmp_path, cache, "loss.pos_fraction=2")
     with pytest.raises(ConfigError, match="curriculum"):
         _cfg(photos, tmp_path, cache, "curriculum.hide_prob.kind=zigzag")
+
+
+def test_select_on_bank_chooses_lambda_and_topk_on_held_out_views(trained):
+    _, trainer, _ = trained
+    bank = trainer.recipe.bank
+    choice = R.select_on_bank(trainer.recipe.reranker, bank, lambdas=(0.5,), topks=(2, 5), max_queries=2)
+    assert choice["n_queries"] == 2 and choice["topk"] in (2, 5) and choice["lambda"] in (0.0, 0.5)
+    assert choice["val_map"] >= choice["val_map_global"]                  # λ = 0 is always a candidate
+    assert trainer.recipe.reranker.training                               # mode restored
+
+
+def test_bank_of_labelled_images_is_shared_across_seeds_and_val_splits(tmp_path):
+    for c in ("a", "b", "c", "d"):
+        for i in range(2):
+            (tmp_path / "pool" / c).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "pool" / c / f"{c}{i}.png"), make_textured_scene((64, 80), rng=i)[..., ::-1])
+
+    def cfg(seed, val):
+        return make_config("cvnet-rerank", [
+            f"out_dir={tmp_path / f'run{seed}'}", "model.preset=effnetlite0-cvnet", "data.kind=folder",
+            f"data.path={tmp_path / 'pool'}", f"data.cache_dir={tmp_path}", "data.views.size=[64,64]",
+            f"data.val_class_names=[{val}]", f"seed={seed}", "steps=1", "progress=false", "plot=false"])
+
+    t0, t1 = Trainer(cfg(0, "a")), Trainer(cfg(1, "c"))
+    assert t0.recipe.bank_path(t0) == t1.recipe.bank_path(t1)
+    t0.recipe.setup(t0)
+    t1.recipe.setup(t1)                                                    # reuses the cached bank
+    names = np.array(t1.data.source.class_names)[t1.recipe.bank.labels.numpy()]
+    assert set(names[t1.recipe.bank.val.numpy()]) == {"c"}
+    assert set(np.array(t0.data.source.class_names)[t0.recipe.bank.labels.numpy()][t0.recipe.bank.val.numpy()]) == {"a"}

@@ -22,7 +22,7 @@ from irkit.errors import ConfigError
 from irkit.io.images import InputSpec
 
 __all__ = ["DataKind", "TrainData", "DATA_KINDS", "register_data_kind", "data_kind_names", "load_source",
-           "build_dataset"]
+           "build_dataset", "val_class_labels", "split_val"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class TrainData:
     description: str
     source: LabelledImages
     label_free: bool
+    val: LabelledImages | None = None     # held-out classes (data.val_classes / data.val_class_names)
 
 
 DATA_KINDS: dict[str, DataKind] = {}
@@ -115,11 +116,47 @@ def load_source(cfg) -> tuple[LabelledImages, bool, str]:
     return data, kind.label_free, f"{len(data)} images in {data.num_classes} classes ({desc})"
 
 
+def val_class_labels(cfg, data: LabelledImages) -> set[int]:
+    """Labels of ``data`` held out for validation: the classes named in ``data.val_class_names``
+    (ConfigError for a name that is not a class), else ``data.val_classes`` classes drawn with the
+    seed (at most all but two, so training keeps negatives)."""
+    names = list(cfg.data.val_class_names or [])
+    if names:
+        index = {n: i for i, n in enumerate(data.class_names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ConfigError(f"data.val_class_names: no class named {missing[:5]} (classes: "
+                              f"{', '.join(data.class_names[:10])}{', …' if len(data.class_names) > 10 else ''})")
+        if len(names) > data.num_classes - 2:
+            raise ConfigError(f"data.val_class_names holds {len(names)} of {data.num_classes} classes; leave at "
+                              "least two for training")
+        return {index[n] for n in names}
+    classes = np.unique(data.labels)
+    n_val = min(int(cfg.data.val_classes), len(classes) - 2)
+    if n_val <= 0:
+        return set()
+    rng = np.random.default_rng([cfg.seed, 7919])
+    return set(rng.permutation(classes)[:n_val].tolist())
+
+
+def split_val(cfg, data: LabelledImages) -> tuple[LabelledImages, LabelledImages | None]:
+    """(training images, held-out validation images or None), split by class."""
+    val = val_class_labels(cfg, data)
+    if not val:
+        return data, None
+    is_val = np.isin(data.labels, sorted(val))
+    return data.select(np.flatnonzero(~is_val)), data.select(np.flatnonzero(is_val))
+
+
 def build_dataset(cfg, spec: InputSpec) -> TrainData:
-    """The image dataset of ``cfg.data`` for recipes that train on image batches."""
+    """The image dataset of ``cfg.data`` for recipes that train on image batches; classes held out
+    for validation (``data.val_classes`` / ``data.val_class_names``) are left out of it."""
     data, label_free, desc = load_source(cfg)
+    data, val = split_val(cfg, data)
+    if val is not None:
+        desc += f"; {len(val)} images of {val.num_classes} classes held out for validation"
     if label_free:
         ds: Dataset = T.SyntheticViewSet(data.paths, cfg.data.image_size, spec)
     else:
         ds = T.AugmentedImages(data, cfg.data.image_size, spec)
-    return TrainData(ds, data.labels, data.num_classes, desc, data, label_free)
+    return TrainData(ds, data.labels, data.num_classes, desc, data, label_free, val)

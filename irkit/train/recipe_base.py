@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +47,7 @@ class Recipe(nn.Module):
     name = "base"
     summary = ""                   # one line for the CLI's help
     in_batch_positives = True      # needs data.per_class >= 2
+    select_metric = "val_map"      # validation metric (higher = better) that picks best.safetensors
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__()
@@ -96,8 +98,31 @@ class Recipe(nn.Module):
         """Called after every optimiser step (EMA updates)."""
 
     def validate(self, trainer: Any) -> dict[str, float]:
-        """Recipe-specific validation metrics at each evaluation point (logged to eval.csv)."""
-        return {}
+        """Validation metrics at each evaluation point (logged to eval.csv). Default: when classes
+        are held out (``data.val_classes`` / ``data.val_class_names``), ``val_map`` = mAP (%) of
+        every held-out image querying the other held-out images (positives: its class), with the
+        exported model at one scale, larger side ``data.val_max_side``."""
+        val = getattr(getattr(trainer, "data", None), "val", None)
+        if val is None or len(val) < 2:
+            return {}
+        from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
+        from irkit.extract import embed_arrays
+        from irkit.io.images import load_image, resize_max_side
+
+        side = int(self.cfg.data.val_max_side)
+        if getattr(self, "_val_images", None) is None or self._val_key != (id(val), side):
+            self._val_images = [resize_max_side(load_image(p), side) for p in val.paths]
+            self._val_key = (id(val), side)
+        model = self.export()
+        was = model.training
+        model.eval()
+        x = embed_arrays(model, self._val_images, [1.0])
+        model.train(was)
+        labels = np.asarray(val.labels)
+        gnd = [{"easy": [int(i) for i in np.flatnonzero(labels == labels[j]) if i != j], "hard": [],
+                "junk": [j], "bbx": None} for j in range(len(labels))]
+        res = evaluate_ranks(ranks_from_scores(x @ x.T), gnd)
+        return {"val_map": float(res["easy"]["map"]), "val_images": float(len(labels))}
 
     # ------------------------------------------------------------------------------- export
     def export(self) -> GlobalModel:

@@ -44,7 +44,7 @@ from irkit.io.images import InputSpec, load_image, resize_max_side, to_tensor
 from irkit.models.base import GlobalModel
 from irkit.train import distributed as D
 from irkit.train.curriculum import RerankCurriculum, Schedule
-from irkit.train.data_kinds import TrainData, load_source
+from irkit.train.data_kinds import TrainData, load_source, val_class_labels
 from irkit.train.hide_and_seek import hide_and_seek
 from irkit.train.miners import HardNegativeMiner
 from irkit.train.recipe_base import Recipe, register
@@ -53,7 +53,7 @@ from irkit.utils import atomic_path
 log = logging.getLogger(__name__)
 
 __all__ = ["CVNetRerankRecipe", "MapBank", "PairSampler", "build_bank", "curriculum", "night", "pair_logits",
-           "roc_auc"]
+           "roc_auc", "select_on_bank"]
 
 
 # ------------------------------------------------------------------------------------ the map bank
@@ -130,9 +130,7 @@ def build_bank(model: GlobalModel, cfg, data: TrainData, progress: bool = True) 
         raise DatasetError(f"cvnet-rerank needs at least 3 classes/photos, found {len(classes)}")
     V = cfg.data.views
     n_views = max(2, V.per_photo) if data.label_free else max(1, V.per_image)
-    rng = np.random.default_rng([cfg.seed, 7919])
-    n_val = min(cfg.data.val_classes, len(classes) - 2)
-    val_classes = set(rng.permutation(classes)[:n_val].tolist()) if n_val > 0 else set()
+    val_classes = val_class_labels(cfg, src)
     maps, descs, labs, names, val = [], [], [], [], []
     pending: list[tuple[np.ndarray, int, str]] = []
     dev = next(model.parameters()).device
@@ -281,6 +279,7 @@ class CVNetRerankRecipe(Recipe):
     2-way cross-entropy on pairs of cached maps; see the module docstring."""
 
     in_batch_positives = False
+    select_metric = "val_auc"
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
@@ -341,9 +340,16 @@ class CVNetRerankRecipe(Recipe):
         return self
 
     def bank_path(self, trainer: Any) -> Path:
+        """Cache file of the bank: keyed by what its maps depend on. The validation split is not
+        part of it (set on load), nor the seed when the views are the images themselves (labelled
+        kinds, ``data.views.per_image`` 1), so runs with other seeds share one bank."""
         cfg = self.cfg
+        data = {k: v for k, v in to_dict(cfg.data).items()
+                if k not in ("val_classes", "val_class_names", "val_max_side", "batch_size", "per_class",
+                             "workers", "cache_dir", "extract_batch")}
+        random_views = bool(trainer.data.label_free) or int(cfg.data.views.per_image) > 1
         parts = {"preset": cfg.model.preset, "weights": getattr(self.model, "weights_id", ""),
-                 "options": cfg.model.options, "data": to_dict(cfg.data), "seed": cfg.seed}
+                 "options": cfg.model.options, "data": data, "seed": cfg.seed if random_views else None}
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return Path(cfg.data.cache_dir or cfg.out_dir) / f"bank_{key}.safetensors"
 
@@ -358,6 +364,8 @@ class CVNetRerankRecipe(Recipe):
             if trainer.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.bank.save(path)
+        val = val_class_labels(self.cfg, trainer.data.source)
+        self.bank.val = torch.as_tensor(np.isin(self.bank.labels.numpy(), sorted(val)), dtype=torch.bool)
         train_rows = torch.nonzero(~self.bank.val).squeeze(1)
         self.sampler = PairSampler(self.bank, train_rows, self.cfg.mining.num_hard, self.cfg.mining.pool_fraction)
         self.val_pairs = self._val_pairs()
@@ -452,3 +460,41 @@ class CVNetRerankRecipe(Recipe):
     def summary_extras(self) -> dict[str, Any]:
         return {"bank_views": len(self.bank) if self.bank is not None else 0,
                 "train_sources": sorted(set(self.bank.names)) if self.bank is not None else []}
+
+
+# ------------------------------------------------------------------------ λ / top-k on validation
+@torch.no_grad()
+def select_on_bank(reranker: nn.Module, bank: MapBank, lambdas=None, topks=None, max_queries: int = 60,
+                   seed: int = 0, batch: int = 32) -> dict[str, Any]:
+    """Choose λ and top-k of a trained re-ranker on the bank's held-out classes
+    (:func:`irkit.train.select.select_rerank`): each held-out view (at most ``max_queries``, drawn
+    with ``seed``) queries every other view of the bank (training classes are distractors),
+    positives = the views of its class; global similarity = the bank's descriptors, re-rank score =
+    P(same) of the pair."""
+    from irkit.train.select import DEFAULT_LAMBDAS, DEFAULT_TOPKS, label_gnd, select_rerank
+
+    rows = torch.nonzero(bank.val).squeeze(1).numpy()
+    if len(rows) == 0:
+        raise ConfigError("no held-out classes in the bank: set data.val_classes or data.val_class_names")
+    if len(rows) > max_queries:
+        rows = np.sort(np.random.default_rng([seed, 31337]).choice(rows, max_queries, replace=False))
+    labels = bank.labels.numpy()
+    sim = (bank.descs[torch.as_tensor(rows)].float() @ bank.descs.float().T).numpy()
+    gnd = label_gnd(labels[rows], labels, rows)
+    was = reranker.training
+    reranker.eval()
+    dev = next(reranker.parameters()).device
+
+    def score(j: int, cand: np.ndarray) -> np.ndarray:
+        q = bank.maps[int(rows[j])][None].to(dev, torch.float32)
+        out = []
+        for i in range(0, len(cand), batch):
+            k = bank.maps[torch.as_tensor(cand[i:i + batch])].to(dev, torch.float32)
+            logits = pair_logits(reranker, q.expand(len(k), -1, -1, -1), k).float()
+            out.append(torch.softmax(logits, 1)[:, 1].cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    try:
+        return select_rerank(sim, gnd, score, lambdas or DEFAULT_LAMBDAS, topks or DEFAULT_TOPKS)
+    finally:
+        reranker.train(was)

@@ -111,7 +111,9 @@ class DataConfig:
     max_classes: int | None = None
     min_images: int = 1
     split: str = "train"      # sfm120k split
-    val_classes: int = 0      # classes held out for recipe validation (cvnet-rerank)
+    val_classes: int = 0      # classes held out for validation (drawn with the seed); every recipe
+    val_class_names: list[str] = field(default_factory=list)   # or these classes (overrides val_classes)
+    val_max_side: int = 320   # image recipes: validation images' larger side (one scale)
     extract_batch: int = 16   # images per forward pass when caching maps (cvnet-rerank)
     cache_dir: str = ""       # where cached maps go ("" = out_dir)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -189,6 +191,9 @@ class EvalConfig:
     at_start: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
     max_side: int | None = None     # None: the model's own input convention
+    select: str = "auto"            # validation metric that picks best.safetensors ("auto": the recipe's,
+                                    # val_map for image recipes, val_auc for cvnet-rerank; "" = none)
+    patience: int = 0               # stop after this many evaluations without a better `select` (0 = never)
 
 
 @dataclass
@@ -365,6 +370,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
         self._eval_cache: dict[str, Any] | None = None
+        self.select_metric = self.recipe.select_metric if cfg.eval.select == "auto" else cfg.eval.select
+        self.best: dict[str, Any] = {}     # {"metric", "value", "step"} of best.safetensors
+        self._stale = 0                     # evaluations since the best one
 
     # ---------------------------------------------------------------- helpers
     def _train_mode(self) -> None:
@@ -435,6 +443,8 @@ class Trainer:
         self.scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"])
         self.step = int(extra["step"])
+        if (self.out / "best.json").is_file():                   # the best evaluation so far
+            self.best = json.loads((self.out / "best.json").read_text()).get("best", {})
         log.info("resumed %s at step %d", folder, self.step)
         return True
 
@@ -515,6 +525,10 @@ class Trainer:
             timeout = cfg.max_minutes > 0 and (time.time() - t0) > cfg.max_minutes * 60
             if self.is_main and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
                 last_eval = self._run_eval()
+                if cfg.eval.patience > 0 and self._stale >= cfg.eval.patience:
+                    log.warning("no better validation %s in %d evaluations: early stop at step %d (best: step "
+                                "%s)", self.select_metric, self._stale, self.step, self.best.get("step"))
+                    timeout = True
             if self.is_main and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or timeout):
                 summary["checkpoint"] = str(self.save_checkpoint())
             if self.on_step is not None:
@@ -531,7 +545,10 @@ class Trainer:
                 last_eval = final
                 summary["eval"] = final
             curve = self.plot()
+            if self.best:
+                summary["best"] = dict(self.best)
             summary["files"] = {"model": str(self.out / "model.safetensors"),
+                                "best": str(self.out / "best.safetensors") if self.best else None,
                                 "metrics": str(self.out / "metrics.csv"),
                                 "eval": str(self.out / "eval.csv") if (self.out / "eval.csv").is_file() else None,
                                 "learning_curve": str(curve) if curve else None}
@@ -553,10 +570,28 @@ class Trainer:
         if not row:
             return None
         row = {"step": self.step, **row}
+        self._keep_best(row)
         self._log_csv("eval.csv", row)
         log.info("evaluation at step %d: %s", self.step,
                  {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         return row
+
+
+    def _keep_best(self, row: dict[str, Any]) -> None:
+        """Export ``best.safetensors`` (+ ``best.json``) when the validation metric ``eval.select``
+        beats every earlier evaluation of the run (ties keep the earlier, i.e. fewer steps)."""
+        metric = self.select_metric
+        value = row.get(metric) if metric else None
+        if value is None or not math.isfinite(float(value)):
+            return
+        if self.best and float(value) <= float(self.best["value"]):
+            self._stale += 1
+            return
+        self._stale = 0
+        self.best = {"metric": metric, "value": float(value), "step": self.step}
+        save_irkit_checkpoint(self.recipe.export(), {**self.export_config(), "best": self.best},
+                              self.out / "best.safetensors")
+        log.info("best %s %.4f at step %d -> %s", metric, float(value), self.step, self.out / "best.safetensors")
 
 
 # ------------------------------------------------------------------------------------- evaluation
