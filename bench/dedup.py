@@ -8,7 +8,8 @@ Set: every photo of ../shared/assets (minidev's 114 and the 385 of train/real-mu
 50 %, re-encoded as JPEG quality 15, a centred crop of 80 % of each side, brightness/contrast
 changed, a caption drawn on it, rotated by 5 degrees. A planted copy is found when it ends in its
 original's group. Per kind: recall = copies found / copies planted; precision = of the pairs in the
-groups that contain a copy of that kind, those that are (copy, its original). Pairs between two
+groups that contain a copy of that kind, those that are (copy, its original); exact groups = copies
+whose group is exactly {copy, original} (no other photo chained in). Pairs between two
 originals are not planted; they are listed (the sources hold genuine near-duplicates: a few
 UKBench views and WxBS pairs are nearly the same photo).
 
@@ -101,7 +102,7 @@ def build_set(root: Path, per_kind: int, seed: int) -> tuple[dict[str, str], dic
 
 
 def score(result, copy_of: dict[str, str], kind_of: dict[str, str]) -> tuple[dict, list]:
-    """Per kind: (recall, precision, n planted); and the unplanted pairs (both originals)."""
+    """Per kind: (recall, precision, exact groups, n planted); and the unplanted pairs (both originals)."""
     group = result.group_of()
     pred_pairs = [tuple(sorted(p)) for g in result.groups for p in combinations(g.ids, 2)]
     out = {}
@@ -110,7 +111,9 @@ def score(result, copy_of: dict[str, str], kind_of: dict[str, str]) -> tuple[dic
         found = sum(1 for c in copies if c in group and group.get(copy_of[c]) == group[c])
         involved = [p for p in pred_pairs if any(kind_of.get(x) == kind for x in p)]
         true = sum(1 for a, b in involved if copy_of.get(a) == b or copy_of.get(b) == a)
-        out[kind] = (found / len(copies), true / len(involved) if involved else float("nan"), len(copies))
+        pure = sum(1 for c in copies if c in group and sorted(result.groups[group[c]].ids) == sorted([c, copy_of[c]]))
+        out[kind] = (found / len(copies), true / len(involved) if involved else float("nan"), pure / len(copies),
+                     len(copies))
     other = [p for p in pred_pairs if not any(x in kind_of for x in p)]
     return out, other
 
@@ -119,13 +122,14 @@ def print_scores(title: str, result, copy_of, kind_of, seconds: float) -> None:
     per_kind, other = score(result, copy_of, kind_of)
     n_pred = sum(len(g.members) * (len(g.members) - 1) // 2 for g in result.groups)
     print(f"\n{title}: {len(result.groups)} groups, {n_pred} pairs in groups, {seconds:.1f} s  [{load_text()}]")
-    print(f"{'kind':<16}{'recall':>8}{'precision':>11}{'planted':>9}")
-    for kind, (rec, prec, n) in per_kind.items():
-        print(f"{kind:<16}{rec:>8.3f}{prec:>11.3f}{n:>9d}")
+    print(f"{'kind':<16}{'recall':>8}{'precision':>11}{'exact groups':>14}{'planted':>9}")
+    for kind, (rec, prec, pure, n) in per_kind.items():
+        print(f"{kind:<16}{rec:>8.3f}{prec:>11.3f}{pure:>14.3f}{n:>9d}")
     rec_all = np.mean([v[0] for v in per_kind.values()])
     true_all = sum(1 for g in result.groups for a, b in combinations(g.ids, 2)
                    if copy_of.get(a) == b or copy_of.get(b) == a)
-    print(f"{'all':<16}{rec_all:>8.3f}{true_all / max(1, n_pred):>11.3f}{len(kind_of):>9d}")
+    pure_all = np.mean([v[2] for v in per_kind.values()])
+    print(f"{'all':<16}{rec_all:>8.3f}{true_all / max(1, n_pred):>11.3f}{pure_all:>14.3f}{len(kind_of):>9d}")
     print(f"unplanted pairs between two original photos: {len(other)}"
           + (f", e.g. {other[:4]}" if other else ""))
 

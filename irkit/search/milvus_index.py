@@ -18,6 +18,7 @@ collection of another dimension or metric, is a StoreError that says what to do.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -107,11 +108,9 @@ def connect(uri: str, token: str | None = None, timeout: float = 10.0, retries: 
     """A MilvusClient for ``uri``; StoreError (with what to do) when it cannot be reached."""
     pm = _pymilvus()
     if is_lite_uri(uri):
-        try:
-            import milvus_lite  # noqa: F401  (the embedded engine behind a local file URI)
-        except ImportError:
+        if importlib.util.find_spec("milvus_lite") is None:  # the embedded engine behind a file URI
             raise ConfigError(f"{uri} is a Milvus Lite file, which needs milvus-lite: "
-                              "pip install 'irkit[milvus]' (or give a server URI http://host:19530)") from None
+                              "pip install 'irkit[milvus]' (or give a server URI http://host:19530)")
         Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"uri": str(uri), "timeout": timeout}
     if token:
@@ -208,6 +207,10 @@ class MilvusIndex:
             self.index_type = str(idx["index_type"]).upper()
             if not self.search_params:
                 self.search_params = dict(DEFAULT_SEARCH.get(self.index_type, {}))
+
+    def flush(self) -> None:
+        """Seal what was inserted (a server then indexes it; Milvus Lite writes it to its file)."""
+        _retry("flush", lambda: self.client.flush(self.collection), self.uri)
 
     def drop(self) -> None:
         """Delete the collection on the server."""
@@ -395,6 +398,7 @@ def build_milvus_index(store: "FeatureStore", *, uri: str | None = None, collect
         for start, block in tqdm(store.iter_descriptors(65536), total=-(-len(store) // 65536),
                                  desc=f"milvus {collection}", unit="block", disable=not progress or len(store) <= 65536):
             index.add(block, ids[start:start + len(block)])
+    index.flush()
     atomic_write_json(sidecar_path(store), {
         "format": "irkit-index", "backend": "milvus", "version": 1, "uri": uri, "collection": collection,
         "index_type": index.index_type, "dim": store.dim, "metric": "IP", "search_params": index.search_params,
