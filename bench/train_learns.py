@@ -373,9 +373,12 @@ def stage_rerank(args, base_run, seeds) -> dict:
             ckpt = best if best.is_file() else folder / "model.safetensors"
             model = build_model("effnetlite2-cvnet", weights=ckpt)
             t = time.time()
-            choice = select_on_bank(model.reranker, trainer.recipe.bank, topks=(10, 25, 50, 100), max_queries=40,
-                                    seed=seed)
-            save_rerank_choice(choice, folder, checkpoint=str(ckpt), val_classes=val)
+            if (folder / "rerank.json").is_file():          # written by the recipe at the end of training
+                choice = json.loads((folder / "rerank.json").read_text())
+            else:
+                choice = select_on_bank(model.reranker, trainer.recipe.bank, topks=(10, 25, 50, 100),
+                                        max_queries=40, seed=seed)
+                save_rerank_choice(choice, folder, checkpoint=str(ckpt), val_classes=val)
             return {"val_classes": val, "checkpoint": str(ckpt), "steps": summary["step"],
                     "train_seconds": summary["seconds"], "setup_seconds": summary.get("setup_seconds"),
                     "best": summary.get("best"), "stopped_early": summary["stopped_early"],

@@ -240,3 +240,13 @@ def test_bank_of_labelled_images_is_shared_across_seeds_and_val_splits(tmp_path)
     names = np.array(t1.data.source.class_names)[t1.recipe.bank.labels.numpy()]
     assert set(names[t1.recipe.bank.val.numpy()]) == {"c"}
     assert set(np.array(t0.data.source.class_names)[t0.recipe.bank.labels.numpy()][t0.recipe.bank.val.numpy()]) == {"a"}
+
+
+def test_training_with_held_out_classes_writes_rerank_json_and_best(photos, cache, tmp_path):
+    from irkit.train.select import load_rerank_choice
+
+    summary = Trainer(_cfg(photos, tmp_path, cache, "eval.rerank_topks=[2,4]", "eval.rerank_queries=2")).fit()
+    assert (tmp_path / "best.safetensors").is_file() and summary["best"]["metric"] == "val_auc"
+    choice = load_rerank_choice(tmp_path / "best.safetensors")
+    assert choice["topk"] in (2, 4) and choice["lambda"] >= 0 and summary["rerank"]["topk"] == choice["topk"]
+    assert choice["val_map"] >= choice["val_map_global"]

@@ -124,6 +124,11 @@ class Recipe(nn.Module):
         res = evaluate_ranks(ranks_from_scores(x @ x.T), gnd)
         return {"val_map": float(res["easy"]["map"]), "val_images": float(len(labels))}
 
+    def after_fit(self, trainer: Any) -> dict[str, Any]:
+        """Called once on the main process when training ends (after the final evaluation and
+        best.safetensors); returns extra summary fields (cvnet-rerank: the λ / top-k choice)."""
+        return {}
+
     # ------------------------------------------------------------------------------- export
     def export(self) -> GlobalModel:
         """The inference model to checkpoint and evaluate."""

@@ -452,6 +452,31 @@ class CVNetRerankRecipe(Recipe):
         return {"val_loss": float(F.cross_entropy(logits, y)), "val_acc": float(((prob > 0.5) == (ls == 1)).mean()),
                 "val_p_pos": _mean(pos), "val_p_neg": _mean(neg), "val_auc": roc_auc(pos, neg)}
 
+    def after_fit(self, trainer: Any) -> dict[str, Any]:
+        """With held-out classes: choose λ and top-k for the best checkpoint (best.safetensors, else
+        the last weights) on them (:func:`select_on_bank`) and write ``out_dir/rerank.json``."""
+        if self.bank is None or not bool(self.bank.val.any()):
+            return {}
+        import copy
+
+        from safetensors.torch import load_file
+
+        from irkit.train.select import save_rerank_choice
+
+        rr = copy.deepcopy(self.reranker)
+        best = Path(self.cfg.out_dir) / "best.safetensors"
+        ckpt = best if best.is_file() else Path(self.cfg.out_dir) / "model.safetensors"
+        if best.is_file():
+            state = load_file(str(best))
+            rr.load_state_dict({k[len("reranker."):]: v for k, v in state.items() if k.startswith("reranker.")})
+        E = self.cfg.eval
+        choice = select_on_bank(rr, self.bank, E.rerank_lambdas, E.rerank_topks, E.rerank_queries, self.cfg.seed)
+        path = save_rerank_choice(choice, self.cfg.out_dir, checkpoint=str(ckpt))
+        log.info("re-rank choice on held-out classes: lambda %.3g, top-%d (val mAP %.2f -> %.2f) -> %s",
+                 choice["lambda"], choice["topk"], choice["val_map_global"], choice["val_map"], path)
+        return {"rerank": {k: choice[k] for k in ("lambda", "topk", "val_map", "val_map_global")},
+                "rerank_file": str(path)}
+
     # -------------------------------------------------------------------------------- export
     def export_config(self) -> dict[str, Any]:
         return {"backbone_weights": getattr(self.model, "weights_id", ""),

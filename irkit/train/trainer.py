@@ -194,6 +194,9 @@ class EvalConfig:
     select: str = "auto"            # validation metric that picks best.safetensors ("auto": the recipe's,
                                     # val_map for image recipes, val_auc for cvnet-rerank; "" = none)
     patience: int = 0               # stop after this many evaluations without a better `select` (0 = never)
+    rerank_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
+    rerank_topks: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
+    rerank_queries: int = 40        # cvnet-rerank: held-out views that query the bank to choose λ / top-k
 
 
 @dataclass
@@ -547,6 +550,7 @@ class Trainer:
             curve = self.plot()
             if self.best:
                 summary["best"] = dict(self.best)
+            summary.update(self.recipe.after_fit(self))
             summary["files"] = {"model": str(self.out / "model.safetensors"),
                                 "best": str(self.out / "best.safetensors") if self.best else None,
                                 "metrics": str(self.out / "metrics.csv"),
