@@ -5,9 +5,12 @@
 For each model (effnetlite2-gem at max side 448 with its real ImageNet weights when installed,
 resnet50-gem at 1024 px with random weights), both paths extract the same generated JPEGs at the
 same scales (0.7071, 1, 1.4142): the plain loop decodes, resizes and runs the network one image and
-one scale at a time (batch 1); irkit uses `extract_to_store` (threaded decoding, BatchNorm folded,
-channels-last, same-shape batching). It prints images/s, the ratio, the max descriptor difference,
-and the GFLOP/s reached against this machine's matmul peak measured here. ``--onnx`` adds
+one scale at a time (batch 1); irkit uses `extract_to_store` (threaded decoding, same-shape
+batching) twice: with ``--runtime torch`` (BatchNorm folded, channels-last) and with irkit's
+default runtime (``auto``: onnxruntime where it was measured faster, see irkit.export). Each row
+prints images/s, the ratio to the plain loop, the max descriptor difference, and the GFLOP/s
+reached against the fp32 matmul peak measured in the same run. The machine's load is printed
+first and last, with a loud warning when other processes use the cores (bench/_machine.py). ``--onnx`` adds
 onnxruntime fp32 and int8 rows for effnetlite2-gem (bench/extract_onnx.py; `--minidev` there adds
 the int8 mAP change).
 """
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _machine import machine_report, matmul_peak
+from irkit.export import runtime_of, set_runtime
 from irkit.extract import Item, extract_to_store, reduce_scales, scaled_inputs
 from irkit.io.images import load_image
 from irkit.models.registry import build_model
@@ -57,16 +62,6 @@ def plain_loop(model, paths: list[Path]) -> np.ndarray:
     return np.stack(out)
 
 
-def matmul_peak_gflops(seconds: float = 2.0) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - t0) / 1e9
-
-
 def model_gflop(model, paths: list[Path]) -> float:
     """FLOPs of the network over all images and scales (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -79,19 +74,27 @@ def model_gflop(model, paths: list[Path]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def bench(name: str, model, paths: list[Path], workdir: Path, peak: float) -> dict:
+def bench(name: str, model, paths: list[Path], workdir: Path, peak: float) -> list[dict]:
+    """Rows: the plain loop, irkit with torch, irkit with its default runtime (same images)."""
+    gflop = model_gflop(model, paths)
     t0 = time.perf_counter()
     ref = plain_loop(model, paths)
     t_plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    store = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], workdir / f"store-{name}",
-                             scales=SCALES, dtype="float32", progress=False, batch_size=8)
-    t_irkit = time.perf_counter() - t0
-    got = np.asarray(store.descriptors())[[store.index_of(p.stem) for p in paths]]
-    gflop = model_gflop(model, paths)
-    return {"model": name, "plain_img_s": len(paths) / t_plain, "irkit_img_s": len(paths) / t_irkit,
-            "ratio": t_plain / t_irkit, "max_diff": float(np.abs(ref - got).max()),
-            "gflops_irkit": gflop / t_irkit, "peak": peak}
+    rows = [{"model": name, "path": "plain eager loop", "img_s": len(paths) / t_plain, "ratio": 1.0,
+             "max_diff": 0.0, "gflops": gflop / t_plain, "peak": peak}]
+    for runtime in ("torch", "auto"):
+        set_runtime(model, runtime)
+        label = f"irkit --runtime {runtime}" + (f" ({runtime_of(model)})" if runtime == "auto" else "")
+        t0 = time.perf_counter()
+        store = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], workdir / f"store-{name}-{runtime}",
+                                 scales=SCALES, dtype="float32", progress=False, batch_size=8)
+        dt = time.perf_counter() - t0
+        got = np.asarray(store.descriptors())[[store.index_of(p.stem) for p in paths]]
+        rows.append({"model": name, "path": label, "img_s": len(paths) / dt, "ratio": t_plain / dt,
+                     "max_diff": float(np.abs(ref - got).max()), "min_cos": float((ref * got).sum(1).min()),
+                     "gflops": gflop / dt, "peak": peak})
+    set_runtime(model, "auto")
+    return rows
 
 
 def main() -> int:
@@ -102,33 +105,35 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n = 6 if args.quick else args.images
-    peak = matmul_peak_gflops()
+    print(machine_report())
+    peak = matmul_peak(torch.get_num_threads())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
         effnet, effnet_paths = build_model("effnetlite2-gem"), make_images(tmp / "a", n, (800, 600))
-        rows.append(bench("effnetlite2-gem@448", effnet, effnet_paths, tmp, peak))
+        rows += bench("effnetlite2-gem@448", effnet, effnet_paths, tmp, peak)
         onnx = []
         if args.onnx:
             from extract_onnx import onnx_rows
 
-            onnx = onnx_rows(effnet, effnet_paths, tmp, rows[0]["plain_img_s"])
+            onnx = onnx_rows(effnet, effnet_paths, tmp, rows[0]["img_s"])
         torch.manual_seed(0)
-        rows.append(bench("resnet50-gem@1024", build_model("resnet50-gem"), make_images(tmp / "b", n, (1024, 768)),
+        rows += (bench("resnet50-gem@1024", build_model("resnet50-gem"), make_images(tmp / "b", n, (1024, 768)),
                           tmp, peak))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul peak {peak:.1f} GFLOP/s, "
           f"{n} images per model, scales {SCALES}")
-    print(f"{'model':22s} {'plain img/s':>11s} {'irkit img/s':>11s} {'ratio':>6s} {'GFLOP/s':>8s} "
-          f"{'% peak':>7s} {'max |diff|':>10s}")
+    print(f"{'model':22s} {'path':32s} {'img/s':>7s} {'ratio':>6s} {'GFLOP/s':>8s} {'% peak':>7s} "
+          f"{'max |diff|':>10s} {'min cos':>9s}")
     for r in rows:
-        print(f"{r['model']:22s} {r['plain_img_s']:11.2f} {r['irkit_img_s']:11.2f} {r['ratio']:6.2f} "
-              f"{r['gflops_irkit']:8.1f} {100 * r['gflops_irkit'] / r['peak']:6.1f}% {r['max_diff']:10.2e}")
+        print(f"{r['model']:22s} {r['path']:32s} {r['img_s']:7.2f} {r['ratio']:6.2f} {r['gflops']:8.1f} "
+              f"{100 * r['gflops'] / r['peak']:6.1f}% {r['max_diff']:10.2e} {r.get('min_cos', 1.0):9.6f}")
     if onnx:
         from extract_onnx import print_rows
 
-        print_rows(onnx)
+        print_rows(onnx, peak)
+    print(machine_report())
     return 0
 
 

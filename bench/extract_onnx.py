@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from irkit.export import OnnxModel, calibration_inputs, export_onnx, quantize_int8  # noqa: E402
+from irkit.export import OnnxModel, calibration_inputs, export_onnx, quantize_int8, set_runtime  # noqa: E402
 from irkit.extract import Item, extract_to_store  # noqa: E402
 from irkit.io.images import load_image  # noqa: E402
 
@@ -38,6 +39,8 @@ def onnx_models(model: Any, workdir: Path, calib_paths: Sequence[Path]) -> dict[
 
 
 def _extract(model: Any, paths: Sequence[Path], store: Path, optimize: bool) -> tuple[float, np.ndarray]:
+    if not getattr(model, "is_onnx", False):
+        set_runtime(model, "torch")   # the torch row: irkit's default would pick onnxruntime itself
     t0 = time.perf_counter()
     s = extract_to_store(model, [Item(p.stem, str(p)) for p in paths], store, scales=SCALES, dtype="float32",
                          progress=False, batch_size=8, optimize=optimize)
@@ -57,20 +60,32 @@ def onnx_rows(model: Any, paths: Sequence[Path], workdir: Path, eager_img_s: flo
     """
     workdir = Path(workdir)
     models = onnx_models(model, workdir, calib_paths or paths[: min(8, len(paths))])
+    from extract import model_gflop
+
+    gflop = model_gflop(model, paths)
     t_torch, ref = _extract(model, paths, workdir / "onnxbench-torch", True)
+    set_runtime(model, "auto")
     rows = [{"model": model.preset_name, "runtime": "irkit torch", "img_s": len(paths) / t_torch,
-             "ratio": len(paths) / t_torch / eager_img_s, "min_cos": 1.0}]
+             "ratio": len(paths) / t_torch / eager_img_s, "min_cos": 1.0, "gflops": gflop / t_torch}]
     for name, m in models.items():
         dt, got = _extract(m, paths, workdir / f"onnxbench-{name}", False)
         rows.append({"model": model.preset_name, "runtime": name, "img_s": len(paths) / dt,
-                     "ratio": len(paths) / dt / eager_img_s, "min_cos": float((ref * got).sum(1).min())})
+                     "ratio": len(paths) / dt / eager_img_s, "min_cos": float((ref * got).sum(1).min()),
+                     "gflops": gflop / dt})
     return rows
 
 
-def print_rows(rows: Sequence[dict]) -> None:
-    print(f"{'model':22s} {'runtime':12s} {'img/s':>8s} {'x eager':>8s} {'min cos vs torch':>17s}")
+def print_rows(rows: Sequence[dict], peak: float | None = None) -> None:
+    """``peak``: the fp32 matmul peak measured in the same run (GFLOP/s; int8 rows can pass it)."""
+    print(f"{'model':22s} {'runtime':12s} {'img/s':>8s} {'x eager':>8s} {'GFLOP/s':>8s} {'% peak':>7s} "
+          f"{'min cos vs torch':>17s}")
     for r in rows:
-        print(f"{r['model']:22s} {r['runtime']:12s} {r['img_s']:8.2f} {r['ratio']:8.2f} {r['min_cos']:17.6f}")
+        pk = f"{100 * r['gflops'] / peak:6.1f}%" if peak else "      -"
+        print(f"{r['model']:22s} {r['runtime']:12s} {r['img_s']:8.2f} {r['ratio']:8.2f} {r['gflops']:8.1f} {pk} "
+              f"{r['min_cos']:17.6f}")
+    if any(r["runtime"] == "onnx-int8" for r in rows):
+        print("int8 is never irkit's default: its accuracy cost is measured with `python bench/extract_onnx.py "
+              "--minidev` (last measured: minidev Easy -10.7 for effnetlite2-gem, see README)")
 
 
 def minidev_maps(model: Any, models: dict[str, OnnxModel], cache: Path) -> dict[str, dict]:
@@ -91,7 +106,11 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=16, help="minidev database images used to calibrate int8")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from _machine import machine_report, matmul_peak
     from extract import make_images, plain_loop
+
+    print(machine_report())
+    peak = matmul_peak(torch.get_num_threads())
 
     from irkit.models.registry import build_model
 
@@ -106,7 +125,7 @@ def main() -> int:
         eager = len(paths) / (time.perf_counter() - t0)
         print(f"{args.model}: torch eager batch-1 loop {eager:.2f} img/s over {len(paths)} images, scales {SCALES}")
         rows = onnx_rows(model, paths, tmp, eager, calib)
-        print_rows(rows)
+        print_rows(rows, peak)
         if args.minidev:
             models = {"onnx-fp32": OnnxModel(tmp / f"{model.preset_name}.onnx"),
                       "onnx-int8": OnnxModel(tmp / f"{model.preset_name}-int8.onnx")}

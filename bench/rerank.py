@@ -181,7 +181,7 @@ def worker(variant: str, folder: Path, n_cands: int, distinct: int, budget_mb: i
             if warm:   # every candidate row already projected (steady state over many queries)
                 for i in cands:
                     scorer.levels(i)
-                result["cache_mb_per_image"] = scorer._cached_bytes / min(len(cands), distinct) / 2**20
+                result["cache_mb_per_image"] = scorer._cached_bytes / len(cands) / 2**20
                 scorer.hits = scorer.misses = 0
             scorer.score(qmap, cands[:1])   # one-time set-up (kernel weight layouts), as naive's query
             scorer.hits = scorer.misses = 0
