@@ -161,3 +161,35 @@ def test_search_ranking_file_scores_like_the_dataset_pipeline(tmp_path, capsys):
             assert got[protocol][metric] == pytest.approx(want[protocol][metric], abs=1e-9)
     assert main(["eval", "--ranking", str(out), "--dataset", "toy", "--data-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == got
+
+
+def test_cli_api_and_service_search_a_milvus_collection(tmp_path, query, capsys):
+    """`irkit index --backend milvus`: the same engine then searches the collection everywhere, and
+    the service's adds and deletes go to it by id."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend is the optional extra irkit[milvus]")
+    pytest.importorskip("milvus_lite", reason="Milvus Lite (irkit[milvus]) runs the embedded tests")
+    store = serve_tiny.build_store(tmp_path, n=24)
+    assert main(["index", str(store), "--backend", "milvus", "--milvus-index", "FLAT"]) == 0
+    capsys.readouterr()
+    engine = SearchEngine.open(store)
+    assert engine.index.describe()["backend"] == "milvus"
+    api = engine.search(load_image(query), k=5)
+    assert main(["search", str(query), "--store", str(store), "--k", "5", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)[0]["results"]
+    assert [h["id"] for h in cli] == [h["id"] for h in api]
+    exact = SearchEngine.open(store, factory="Flat").search(load_image(query), k=5)
+    assert [h["id"] for h in api] == [h["id"] for h in exact]
+    np.testing.assert_allclose([h["score"] for h in api], [h["score"] for h in exact], atol=1e-5)
+    del engine
+    with TestClient(create_app(store, token=TOKEN)) as client:
+        http = client.post("/search", files={"image": ("q.png", query.read_bytes(), "image/png")},
+                           data={"k": "5"}).json()["results"]
+        assert [h["id"] for h in http] == [h["id"] for h in api]
+        r = client.post("/images", headers=AUTH, files={"images": ("n.png", png(77), "image/png")},
+                        data={"ids": "added"})
+        assert r.status_code == 201, r.text
+        assert client.delete("/images/img003", headers=AUTH).status_code == 200
+        index = client.app.state.engine.index
+        assert index.ntotal == 24
+        hits = client.post("/search", json={"id": "added", "k": 24}).json()["results"]
+        assert hits[0]["id"] == "added" and "img003" not in {h["id"] for h in hits}

@@ -184,7 +184,7 @@ def _table_html(results: dict, kappas: Sequence[int]) -> str:
     return f"<table class='res' id='results-table'>{head}{''.join(rows)}</table>"
 
 
-def _thumb(path: Path | None, bbx, dest: Path, rel: str, enabled: bool) -> str | None:
+def write_thumbnail(path: Path | None, bbx, dest: Path, rel: str, enabled: bool) -> str | None:
     """Write a JPEG thumbnail (cropped to ``bbx`` for queries) once; the relative URL, or None."""
     if not enabled or path is None:
         return None
@@ -203,7 +203,7 @@ def _thumb(path: Path | None, bbx, dest: Path, rel: str, enabled: bool) -> str |
     return f"{rel}/{dest.name}"
 
 
-def _figure(url: str | None, caption: str, cls: str) -> str:
+def figure_html(url: str | None, caption: str, cls: str) -> str:
     img = f"<img src='{html.escape(url)}' alt='{html.escape(caption)}'>" if url else \
         f"<div class='noimg'>{html.escape(caption)}</div>"
     return f"<figure class='{cls}'>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -212,14 +212,14 @@ def _figure(url: str | None, caption: str, cls: str) -> str:
 def _query_section(q: int, ranking: np.ndarray, entry: dict, results: dict, qnames, dbnames, qpaths, dbpaths,
                    qbbx, assets: Path, rel: str, top: int, thumbnails: bool) -> str:
     aps = " · ".join(f"{p[0].upper()} {_fmt_ap(results[p]['aps'][q])}" for p in PROTOCOLS)
-    qurl = _thumb(Path(qpaths[q]) if q < len(qpaths) else None, qbbx[q] if q < len(qbbx) else None,
+    qurl = write_thumbnail(Path(qpaths[q]) if q < len(qpaths) else None, qbbx[q] if q < len(qbbx) else None,
                   assets / f"q{q:05d}.jpg", rel, thumbnails)
-    cells = [_figure(qurl, f"query: {qnames[q]}", "q")]
+    cells = [figure_html(qurl, f"query: {qnames[q]}", "q")]
     for r, (i, mark) in enumerate(zip(ranking[:top], marks(ranking, entry, top))):
         i = int(i)
-        url = _thumb(Path(dbpaths[i]) if i < len(dbpaths) else None, None, assets / f"db{i:07d}.jpg", rel, thumbnails)
+        url = write_thumbnail(Path(dbpaths[i]) if i < len(dbpaths) else None, None, assets / f"db{i:07d}.jpg", rel, thumbnails)
         name = dbnames[i] if i < len(dbnames) else f"#{i}"
-        cells.append(_figure(url, f"{r + 1}. {name} ({mark})", mark))
+        cells.append(figure_html(url, f"{r + 1}. {name} ({mark})", mark))
     return (f"<section class='query' id='q{q}'><h3>{q}. {html.escape(str(qnames[q]))} <small>AP {aps}</small></h3>"
             f"<div class='row'>{''.join(cells)}</div></section>")
 

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irkit.errors import ConfigError, StoreError
-from irkit.search.index import Index, _dim_of, _iter_blocks, _num_rows, _rows_source
+from irkit.search.index import Index, default_index_path, dim_of, iter_blocks, num_rows, rows_source
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def exact_topk(q: np.ndarray, vectors: Any, k: int, batch_size: int = 65536) -> 
     """Rows [nq, k] of the exact top-k by inner product, streaming the vectors in blocks (bounded memory)."""
     best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
     best_r = np.zeros((q.shape[0], 0), dtype=np.int64)
-    for start, block in _iter_blocks(vectors, batch_size):
+    for start, block in iter_blocks(vectors, batch_size):
         s = np.concatenate([best_s, q @ block.T], axis=1)
         r = np.concatenate([best_r, np.broadcast_to(np.arange(start, start + len(block)), (len(q), len(block)))], 1)
         if s.shape[1] > k:
@@ -223,13 +223,13 @@ def choose_index(vectors: Any, max_memory: int | str, *, max_query_ms: float | N
         raise ConfigError(f"--max-query-ms must be positive, got {max_query_ms}")
     if int(k) < 1:
         raise ConfigError(f"recall k must be positive, got {k}")
-    n, dim = _num_rows(vectors), _dim_of(vectors)
+    n, dim = num_rows(vectors), dim_of(vectors)
     if n < 2:
         raise StoreError("an index needs at least 2 vectors to measure; extract more images first")
     k = min(int(k), n - 1)
     rng = np.random.default_rng(seed)
     self_rows = np.sort(rng.choice(n, size=min(int(n_queries), n), replace=False))
-    q = np.ascontiguousarray(_rows_source(vectors)(self_rows), dtype=np.float32)
+    q = np.ascontiguousarray(rows_source(vectors)(self_rows), dtype=np.float32)
     exact = exact_topk(q, vectors, k + 1)
     truth = _drop_self(exact, self_rows, k)
     cands = candidates(n, dim, max_memory, families)
@@ -289,8 +289,6 @@ def choose_index(vectors: Any, max_memory: int | str, *, max_query_ms: float | N
 
 def auto_build_index(store: Any, max_memory: int | str, path: Any = None, **kwargs: Any) -> AutoIndexResult:
     """``choose_index`` on a FeatureStore, then save the index (its choice in the sidecar's ``auto``)."""
-    from irkit.search.index import default_index_path
-
     if len(store) == 0:
         raise StoreError(f"store {store.root} is empty; extract features into it before indexing")
     result = choose_index(store, max_memory, **kwargs)

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from irkit.errors import ConfigError, ImageError, StoreError
-from irkit.eval.report import _figure, _thumb
+from irkit.eval.report import figure_html, write_thumbnail
 from irkit.search.index import Index
 from irkit.utils import atomic_write_json, atomic_write_text
 
@@ -433,9 +433,9 @@ def write_html(result: DedupResult, path: str | os.PathLike, *, thumbnails: bool
         figs = []
         for m in g.members:
             key = hashlib.sha1(f"{m['path']}|{m['bytes']}".encode()).hexdigest()[:16]
-            url = _thumb(Path(m["path"]), None, assets / f"{key}.jpg", rel, thumbnails)
+            url = write_thumbnail(Path(m["path"]), None, assets / f"{key}.jpg", rel, thumbnails)
             cls = "keep" if m["id"] == g.keep else "remove"
-            figs.append(_figure(url, f"{'keep' if cls == 'keep' else 'remove'}: {m['id']} "
+            figs.append(figure_html(url, f"{'keep' if cls == 'keep' else 'remove'}: {m['id']} "
                                      f"({m['width']}x{m['height']}, {m['bytes'] // 1024} KiB)", cls))
         rows = "".join(f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{p['score']:.4f}</td>"
                        f"<td>{_inliers(p)}</td></tr>" for p in g.pairs[:50])

@@ -26,6 +26,7 @@ from irkit.ranking import Ranking
 from irkit.search import qe as qe_mod
 from irkit.search.index import Index
 from irkit.search.indexing import open_index
+from irkit.search.milvus_index import MilvusIndex
 from irkit.search.rerank import CVNetScorer, rerank
 from irkit.search.spatial import FileSpatialScorer, SpatialVerifier
 from irkit.store import FeatureStore, config_hash
@@ -42,7 +43,8 @@ class SearchOptions:
 
     ``qe``: none | aqe | alpha over the ``qe_k`` nearest neighbours (``qe_alpha`` for alpha-QE);
     ``rerank``: none | cvnet | spatial on the first ``topk`` results, final = global + ``lam`` *
-    re-rank score; ``rescore`` > 0: an approximate index's top ``rescore`` re-scored exactly."""
+    re-rank score; ``rescore`` > 0: an approximate index's top ``rescore`` re-scored exactly (None:
+    the depth saved with the index by `irkit index --max-memory`, else 0 = off)."""
 
     k: int = 100
     qe: str = "none"
@@ -51,7 +53,7 @@ class SearchOptions:
     rerank: str = "none"
     topk: int = 100
     lam: float = 0.5
-    rescore: int = 0
+    rescore: int | None = None
 
     def __post_init__(self) -> None:
         if self.qe not in QE_METHODS:
@@ -61,7 +63,7 @@ class SearchOptions:
         for name in ("k", "topk"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.qe_k < 0 or self.rescore < 0 or self.qe_alpha < 0:
+        if self.qe_k < 0 or (self.rescore or 0) < 0 or self.qe_alpha < 0:
             raise ConfigError("qe_k, qe_alpha and rescore must be >= 0")
         if not np.isfinite(self.lam):
             raise ConfigError(f"lambda must be a finite number, got {self.lam}")
@@ -80,7 +82,7 @@ class _ShortlistScorer:
 class SearchEngine:
     """A store, the model that built it, and its index (see the module docstring)."""
 
-    def __init__(self, store: FeatureStore, model: GlobalModel, index: Index) -> None:
+    def __init__(self, store: FeatureStore, model: GlobalModel, index: Index | MilvusIndex) -> None:
         self.store, self.model, self.index = store, model, index
         self.scales = check_scales((store.meta.get("config") or {}).get("scales"), model)
         self.with_maps = bool(store.has_maps or (store.meta.get("config") or {}).get("rerank_maps"))
@@ -163,7 +165,8 @@ class SearchEngine:
             q = (qe_mod.aqe(q, db, kq, neighbours=neighbours) if opts.qe == "aqe"
                  else qe_mod.alpha_qe(q, db, kq, opts.qe_alpha, neighbours=neighbours))
         depth = min(max(opts.k, opts.topk if opts.rerank != "none" else 0), len(self.index))
-        scores, rows = self.index.search(q, depth, rescore=opts.rescore > 0, rescore_k=opts.rescore)
+        rescore = opts.rescore if opts.rescore is not None else int(self.index.meta.get("rescore_k") or 0)
+        scores, rows = self.index.search(q, depth, rescore=rescore > 0, rescore_k=rescore)
         keep = rows[0] >= 0
         scores, rows = scores[0][keep].astype(np.float64), rows[0][keep]
         final, stage = scores.copy(), np.full(len(rows), "qe" if used_qe else "global", dtype=object)
@@ -232,7 +235,7 @@ class SearchEngine:
         boxes = list(boxes) if boxes is not None else [None] * len(paths)
         hits = [self.search(load_image(p), box=b, options=opts) for p, b in zip(paths, boxes)]
         return Ranking.from_hits(ids, hits, {"store": str(self.store.root), "model": self.model.preset_name,
-                                             "options": asdict(opts), "index": self.index.factory})
+                                             "options": asdict(opts), "index": self.index.describe()})
 
     # ------------------------------------------------------------------ rows and images
     def row_of(self, image_id: str) -> int:
@@ -261,7 +264,7 @@ class SearchEngine:
     def save_index(self) -> None:
         """Persist the index beside the store (the service calls it; the store stays the truth)."""
         path = self.index.meta.get("path")
-        if path:
+        if path and isinstance(self.index, Index):  # a Milvus collection is saved by Milvus itself
             try:
                 self.index.save(path, store=self.store)
             except OSError as exc:

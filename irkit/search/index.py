@@ -60,7 +60,7 @@ def id_keys(ids: Sequence[str]) -> np.ndarray:
     return out.astype(np.int64)
 
 
-class _KeyRows:
+class KeyRows:
     """Maps keys back to rows of an id list (a store's), kept up to date cheaply when ids are appended."""
 
     def __init__(self) -> None:
@@ -102,7 +102,7 @@ class _KeyRows:
         return np.where(found, self._order[pos], -1)
 
 
-def _as_queries(q: np.ndarray, dim: int, what: str = "queries") -> np.ndarray:
+def as_queries(q: np.ndarray, dim: int, what: str = "queries") -> np.ndarray:
     q = np.asarray(q)
     if q.ndim == 1:
         q = q[None]
@@ -115,7 +115,7 @@ def _is_store(vectors: Any) -> bool:
     return hasattr(vectors, "iter_descriptors") and hasattr(vectors, "take")
 
 
-def _rows_source(vectors: Any) -> Callable[[np.ndarray], np.ndarray]:
+def rows_source(vectors: Any) -> Callable[[np.ndarray], np.ndarray]:
     """A function rows -> float32 vectors, from a FeatureStore (``take``) or any array-like."""
     if _is_store(vectors):
         return vectors.take
@@ -128,11 +128,11 @@ def _rows_source(vectors: Any) -> Callable[[np.ndarray], np.ndarray]:
     return take
 
 
-def _num_rows(vectors: Any) -> int:
+def num_rows(vectors: Any) -> int:
     return len(vectors) if _is_store(vectors) else int(vectors.shape[0])
 
 
-def _iter_blocks(vectors: Any, batch_size: int):
+def iter_blocks(vectors: Any, batch_size: int):
     if _is_store(vectors):
         yield from vectors.iter_descriptors(batch_size)
         return
@@ -140,7 +140,7 @@ def _iter_blocks(vectors: Any, batch_size: int):
         yield s, np.ascontiguousarray(vectors[s:s + batch_size], dtype=np.float32)
 
 
-def _dim_of(vectors: Any) -> int:
+def dim_of(vectors: Any) -> int:
     return int(vectors.dim) if _is_store(vectors) else int(vectors.shape[1])
 
 
@@ -163,7 +163,7 @@ def _rescore_in_place(q: np.ndarray, vecs: np.ndarray, cand: np.ndarray, k: int)
     return scores, rows
 
 
-def _best_first(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def best_first(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Invalid entries (row -1) moved to the end with score -inf; the first k columns, padded."""
     scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -215,7 +215,7 @@ class Index:
         #: how often this object trained, added and removed (the service shows them; tests count them)
         self.counters = {"trains": 0, "adds": 0, "removes": 0}
         self._vectors: Any = None
-        self._key_rows = _KeyRows()
+        self._key_rows = KeyRows()
         self._static_ids: list[str] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -243,7 +243,7 @@ class Index:
         array keys vectors by row. Trainable indexes are trained on ``train_size`` rows sampled at
         random (default: see ``default_train_size``). The descriptors are kept for ``search(rescore=True)``.
         """
-        n, dim = _num_rows(descriptors), _dim_of(descriptors)
+        n, dim = num_rows(descriptors), dim_of(descriptors)
         if n == 0:
             raise StoreError("cannot build an index from an empty set of descriptors; extract features first")
         if ids is None and _is_store(descriptors):
@@ -256,7 +256,7 @@ class Index:
         t0 = time.perf_counter()
         if not self.faiss_index.is_trained:
             self.train(descriptors, train_size=train_size, seed=seed)
-        for start, block in tqdm(_iter_blocks(descriptors, batch_size), total=-(-n // batch_size),
+        for start, block in tqdm(iter_blocks(descriptors, batch_size), total=-(-n // batch_size),
                                  desc=f"index {factory}", unit="batch", disable=not progress or n <= batch_size):
             self._add_keyed(block, keys[start:start + len(block)])
         self.set_params(nprobe=nprobe, ef_search=ef_search)
@@ -266,7 +266,7 @@ class Index:
 
     def train(self, descriptors: Any, *, train_size: int | None = None, seed: int = 0) -> None:
         """Train on a random sample of rows (sorted, so memory-mapped reads stay sequential)."""
-        n = _num_rows(descriptors)
+        n = num_rows(descriptors)
         size = default_train_size(self.faiss_index, n) if train_size is None else min(int(train_size), n)
         try:
             nlist = faiss.extract_index_ivf(self.faiss_index).nlist
@@ -277,7 +277,7 @@ class Index:
                               f"vectors are available; use fewer lists (e.g. IVF{max(1, int(np.sqrt(n)))})")
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-        sample = np.ascontiguousarray(_rows_source(descriptors)(rows), dtype=np.float32)
+        sample = np.ascontiguousarray(rows_source(descriptors)(rows), dtype=np.float32)
         t0 = time.perf_counter()
         try:
             self.faiss_index.train(sample)
@@ -473,8 +473,8 @@ class Index:
             self._vectors = vectors
             self._attach_rows(vectors, ids)
             return
-        if _num_rows(vectors) != self.ntotal or _dim_of(vectors) != self.dim:
-            raise StoreError(f"vectors of shape [{_num_rows(vectors)}, {_dim_of(vectors)}] do not match "
+        if num_rows(vectors) != self.ntotal or dim_of(vectors) != self.dim:
+            raise StoreError(f"vectors of shape [{num_rows(vectors)}, {dim_of(vectors)}] do not match "
                              f"the index ({self.ntotal} x {self.dim}); rebuild the index")
         self._vectors = vectors
 
@@ -488,7 +488,7 @@ class Index:
         ``rescore``: fetch ``max(k, rescore_k)`` candidates, re-score them exactly with the stored
         vectors and keep the best k (recovers PQ's quantisation loss).
         """
-        q = _as_queries(q, self.dim)
+        q = as_queries(q, self.dim)
         k = int(k)
         if k <= 0:
             raise ConfigError(f"k must be positive, got {k}")
@@ -516,7 +516,7 @@ class Index:
             if tomb is not None:
                 keys = np.where(np.isin(keys, tomb), -1, keys)
             r = self._key_rows.rows(keys) if self.key_mode == "id" else keys
-            d, r = _best_first(d, r, kk)
+            d, r = best_first(d, r, kk)
             if rescore:
                 d, r = self._rescore(q[s:s + batch_size], r, k)
             scores[s:s + batch_size], rows[s:s + batch_size] = d[:, :k], r[:, :k]
@@ -531,13 +531,13 @@ class Index:
         if (isinstance(vecs, np.ndarray) and vecs.dtype == np.float32 and vecs.flags.c_contiguous
                 and vecs.ndim == 2):
             return _rescore_in_place(q, vecs, cand, k)
-        take = _rows_source(vecs)
+        take = rows_source(vecs)
         exact = np.full(cand.shape, -np.inf, dtype=np.float32)
         for i in range(cand.shape[0]):
             valid = np.flatnonzero(cand[i] >= 0)
             if len(valid):
                 exact[i, valid] = take(cand[i, valid]) @ q[i]
-        return _best_first(exact, cand, k)
+        return best_first(exact, cand, k)
 
     # ------------------------------------------------------------------ keeping up with a store
     def sync(self, store: "FeatureStore", batch_size: int = ADD_BATCH) -> tuple[int, int]:
@@ -566,7 +566,7 @@ class Index:
             self._add_keyed(store.take(rows), keys)
         if len(missing) or removed:
             log.info("index synced with store %s: %d added, %d removed", store.root, len(missing), removed)
-        self.meta["store"] = _store_fingerprint(store)
+        self.meta["store"] = store_fingerprint(store)
         return int(len(missing)), int(removed)
 
     # ------------------------------------------------------------------ persistence
@@ -581,7 +581,7 @@ class Index:
                         "tombstones": sorted(self.tombstones), "nprobe": self.nprobe,
                         "ef_search": self.ef_search, "saved": time.time()})
         if store is not None:
-            sidecar["store"] = _store_fingerprint(store)
+            sidecar["store"] = store_fingerprint(store)
         atomic_write_json(sidecar_path(path), sidecar)
         self.meta = sidecar
         log.info("saved %s index (%d vectors) to %s", self.factory, self.ntotal, path)
@@ -636,7 +636,7 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _store_fingerprint(store: "FeatureStore") -> dict:
+def store_fingerprint(store: "FeatureStore") -> dict:
     return {"uid": store.uid, "generation": store.generation, "config_hash": store.meta["config_hash"],
             "model": store.meta["model"], "n": len(store), "root": str(store.root)}
 
@@ -646,7 +646,7 @@ def check_same_store(meta: dict, store: "FeatureStore", path: Path | str = "inde
     fp = meta.get("store")
     if fp is None:
         raise StoreError(f"index {path} records no store; it cannot be checked against {store.root}: rebuild it")
-    now = _store_fingerprint(store)
+    now = store_fingerprint(store)
     if fp["config_hash"] != now["config_hash"] or fp["uid"] != now["uid"]:
         raise StoreError(f"index {path} was built from another store (model {fp['model']!r}, config "
                          f"{fp['config_hash'][:12]}) than {store.root} (model {now['model']!r}, config "
@@ -656,7 +656,7 @@ def check_same_store(meta: dict, store: "FeatureStore", path: Path | str = "inde
 def check_fresh(meta: dict, store: "FeatureStore", path: Path | str = "index") -> None:
     """StoreError unless the index described by ``meta`` was built from ``store`` as it is now."""
     check_same_store(meta, store, path)
-    fp, now = meta["store"], _store_fingerprint(store)
+    fp, now = meta["store"], store_fingerprint(store)
     if fp["generation"] != now["generation"] or fp["n"] != now["n"] or meta.get("ntotal") != now["n"]:
         raise StoreError(f"index {path} is stale: built from {fp['n']} rows (store generation "
                          f"{fp['generation']}), the store now has {now['n']} rows (generation "

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from irkit.errors import StoreError
-from irkit.search.index import Index, sidecar_path, check_fresh, default_index_path
+from irkit.search.index import Index, check_fresh, default_index_path, sidecar_path
+from irkit.search.milvus_index import MilvusIndex, has_milvus_index, open_milvus_index
 from irkit.search.qe import dba
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,14 +45,17 @@ def build_index(store: "FeatureStore", factory: str = "Flat", path: str | os.Pat
 
 
 def open_index(store: "FeatureStore", factory: str | None = None, path: str | os.PathLike | None = None,
-               **build_kwargs: Any) -> Index:
+               **build_kwargs: Any) -> Index | MilvusIndex:
     """The index of ``store``: the saved one (``STORE_DIR/index.faiss`` by default) when it belongs to
     this store, brought up to date incrementally if the store changed since; else built and saved.
 
     ``factory`` None takes whatever was saved (``Flat`` when nothing was); a different factory than
     the saved one rebuilds. Every caller (CLI, Python API, service, dataset evaluation) opens indexes
-    here, so they all search the index the user built.
+    here, so they all search the index the user built. A store indexed in Milvus (`irkit index
+    --backend milvus`) opens its collection instead, synced with the store.
     """
+    if factory is None and path is None and has_milvus_index(store):
+        return open_milvus_index(store)
     path = Path(path) if path is not None else default_index_path(store)
     reason = ""
     if path.exists():

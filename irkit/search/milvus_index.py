@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irkit.errors import ConfigError, StoreError
-from irkit.search.index import _KeyRows, _as_queries, _best_first, _store_fingerprint, id_keys
+from irkit.search.index import KeyRows, as_queries, best_first, store_fingerprint, id_keys
 from irkit.utils import atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,7 +142,7 @@ class MilvusIndex:
         self.search_params = dict(DEFAULT_SEARCH.get(self.index_type, {}) if search_params is None else search_params)
         self.meta: dict = dict(meta or {})
         self._vectors: Any = None
-        self._key_rows = _KeyRows()
+        self._key_rows = KeyRows()
         self.counters = {"adds": 0, "removes": 0}
 
     # ------------------------------------------------------------------ collection
@@ -313,7 +313,7 @@ class MilvusIndex:
         """Top-k by inner product: (scores [nq, k] float32, store rows [nq, k] int64), best first;
         -inf / -1 where missing (fewer vectors, ids no longer in the store). ``rescore`` re-scores
         ``max(k, rescore_k)`` candidates exactly with the attached store's vectors."""
-        q = _as_queries(q, self.dim)
+        q = as_queries(q, self.dim)
         k = int(k)
         if k <= 0:
             raise ConfigError(f"k must be positive, got {k}")
@@ -340,14 +340,14 @@ class MilvusIndex:
                     keys[s + i, j] = int(h.get("id", h.get(KEY_FIELD)))
                     scores[s + i, j] = float(h["distance"])
         rows = self._key_rows.rows(keys)
-        scores, rows = _best_first(scores, rows, kk)
+        scores, rows = best_first(scores, rows, kk)
         if rescore:
             exact = np.full(rows.shape, -np.inf, dtype=np.float32)
             for i in range(rows.shape[0]):
                 valid = np.flatnonzero(rows[i] >= 0)
                 if len(valid):
                     exact[i, valid] = self._vectors.take(rows[i, valid]) @ q[i]
-            scores, rows = _best_first(exact, rows, kk)
+            scores, rows = best_first(exact, rows, kk)
         return scores[:, :k], rows[:, :k]
 
     def sync(self, store: "FeatureStore", batch_size: int = INSERT_BATCH) -> tuple[int, int]:
@@ -402,7 +402,7 @@ def build_milvus_index(store: "FeatureStore", *, uri: str | None = None, collect
     atomic_write_json(sidecar_path(store), {
         "format": "irkit-index", "backend": "milvus", "version": 1, "uri": uri, "collection": collection,
         "index_type": index.index_type, "dim": store.dim, "metric": "IP", "search_params": index.search_params,
-        "ntotal": len(store), "store": _store_fingerprint(store), "saved": time.time()})
+        "ntotal": len(store), "store": store_fingerprint(store), "saved": time.time()})
     return index
 
 

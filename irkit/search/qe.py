@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from irkit.errors import ConfigError
-from irkit.search.index import Index, _rows_source
+from irkit.search.index import Index, rows_source
 
 try:  # torch is a project dependency, but QE itself only needs numpy
     import torch
@@ -80,7 +80,7 @@ def _weighted_sum(base: np.ndarray, db: Any, rows: np.ndarray, w: np.ndarray) ->
         return base.astype(np.float32)
     w = np.where(valid, w, 0.0).astype(np.float32)
     uniq, inv = np.unique(np.where(valid, rows, rows[valid][0]), return_inverse=True)
-    vecs = _rows_source(db)(uniq.astype(np.int64))
+    vecs = rows_source(db)(uniq.astype(np.int64))
     gathered = vecs[inv.reshape(rows.shape)]  # [n, k, D]
     return base.astype(np.float32) + np.einsum("nk,nkd->nd", w, gathered)
 

@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--factory", default=None,
                    help="faiss index factory (default: the index saved with the store, else Flat = exact)")
-    p.add_argument("--rescore", type=int, default=_DEFAULTS.rescore, metavar="N",
-                   help="re-score the approximate index's top N exactly from the store (default 0 = off)")
+    p.add_argument("--rescore", type=int, default=None, metavar="N",
+                   help="re-score the approximate index's top N exactly from the store (default: the depth "
+                        "saved by `irkit index --max-memory`, else 0 = off)")
     p.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
                    help="crop every query to this box (pixels) before embedding")
     p.add_argument("--qe", choices=QE_METHODS, default=_DEFAULTS.qe, help="query expansion")
