@@ -27,6 +27,8 @@ _LAZY = {
     "SearchOptions": ("irkit.search.engine", "SearchOptions"),
     "build_index": ("irkit.search.indexing", "build_index"),
     "open_index": ("irkit.search.indexing", "open_index"),
+    "auto_build_index": ("irkit.search.autoindex", "auto_build_index"),
+    "build_milvus_index": ("irkit.search.milvus_index", "build_milvus_index"),
     "Ranking": ("irkit.ranking", "Ranking"),
     "evaluate_ranking": ("irkit.pipeline", "evaluate_ranking"),
     "evaluate_dataset": ("irkit.pipeline", "evaluate_dataset"),
