@@ -247,6 +247,8 @@ def main() -> None:
                     "(default: all usable cores)")
     ap.add_argument("--budget-mb", type=int, default=-1,
                     help="irkit's memory budget per batch (default: the scorer's, one pair at a time on CPU)")
+    ap.add_argument("--variants", default="irkit-cold,irkit-warm,irkit-fp16,irkit-raw",
+                    help="irkit variants to run besides naive (irkit-warm is always run)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -264,6 +266,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, Path(args.folder), args.n, args.distinct, args.budget_mb)))
         return
 
+    variants = [v for v in args.variants.split(",") if v]
+    if "irkit-warm" not in variants:
+        variants.append("irkit-warm")
     print(machine_report())
     peak = matmul_peak(args.threads)
     print(f"fp32 matmul peak measured now (2048^3, {args.threads} thread(s)): {peak:.1f} GFLOP/s")
@@ -282,15 +287,14 @@ def main() -> None:
                 sys.exit(f"preparing {size_txt} failed:\n{prep.stderr[-3000:]}")
             qshape = np.load(folder / "map0.npy", mmap_mode="r").shape
             corr_mib = 9 * (qshape[1] * qshape[2]) ** 2 * 4 / 2**20
-            runs = {v: _run_worker(args, v, folder, args.candidates)
-                    for v in ("irkit-cold", "irkit-warm", "irkit-fp16", "irkit-raw")}
+            runs = {v: _run_worker(args, v, folder, args.candidates) for v in variants}
             runs["naive"] = _run_worker(args, "naive", folder, args.naive_candidates)
         n_naive = args.naive_candidates
         naive_total = runs["naive"]["seconds"] / n_naive * args.candidates
         print(f"\n== {w}x{h} (stage-3 map {qshape[1]}x{qshape[2]}; full 4D correlation {corr_mib:.0f} MiB)")
         print(f"{'variant':<12} {'s/cand':>8} {'s/top-' + str(args.candidates):>10} {'work MiB':>9} "
               f"{'peak MiB':>9}   note")
-        for name in ("naive", "irkit-cold", "irkit-warm", "irkit-fp16", "irkit-raw"):
+        for name in ("naive", *variants):
             r = runs[name]
             per = r["seconds"] / r["n_scored"]
             note = (f"measured on {n_naive} candidates, time extrapolated" if name == "naive"
@@ -306,19 +310,20 @@ def main() -> None:
               f"{100 * fl['total'] / warm_s / 1e9 / peak:.0f}% of the matmul peak measured in this run "
               f"({peak:.1f} GFLOP/s); the peak's floor for top-{args.candidates}: "
               f"{fl['total'] * args.candidates / peak / 1e9:.1f} s")
-        for name in ("irkit-cold", "irkit-warm"):
+        for name in [v for v in ("irkit-cold", "irkit-warm") if v in runs]:
             r = runs[name]
             print(f"ratio naive / {name}: time {naive_total / r['seconds']:.1f}x, working memory "
                   f"{runs['naive']['work_peak_mb'] / max(r['work_peak_mb'], 1.0):.1f}x "
                   f"(absolute peak {runs['naive']['peak_mb'] / r['peak_mb']:.1f}x)")
         naive_scores = np.array(runs["naive"]["scores"])
         diffs = {name: float(np.abs(np.array(runs[name]["scores"][:n_naive]) - naive_scores).max())
-                 for name in ("irkit-cold", "irkit-warm", "irkit-raw")}
-        fp16 = float(np.abs(np.array(runs["irkit-fp16"]["scores"]) - np.array(runs["irkit-warm"]["scores"])).max())
-        print(f"scores: max |irkit - naive| cold {diffs['irkit-cold']:.2e}, warm {diffs['irkit-warm']:.2e}, "
-              f"raw maps {diffs['irkit-raw']:.2e} "
-              f"(scores {naive_scores.min():.4f}..{naive_scores.max():.4f}); "
-              f"float16-stored maps vs float32: max |diff| {fp16:.2e} over {args.candidates} candidates")
+                 for name in ("irkit-cold", "irkit-warm", "irkit-raw") if name in runs}
+        fp16 = (float(np.abs(np.array(runs["irkit-fp16"]["scores"]) - np.array(runs["irkit-warm"]["scores"])).max())
+                if "irkit-fp16" in runs else 0.0)
+        print("scores: max |irkit - naive| " + ", ".join(f"{k[6:]} {v:.2e}" for k, v in diffs.items())
+              + f" (scores {naive_scores.min():.4f}..{naive_scores.max():.4f})"
+              + (f"; float16-stored levels vs float32: max |diff| {fp16:.2e} over {args.candidates} candidates"
+                 if "irkit-fp16" in runs else ""))
         if max(diffs.values()) > 1e-4 or fp16 > 1e-4:
             print("WARNING: irkit and the straightforward loop disagree beyond 1e-4")
     print(machine_report())
