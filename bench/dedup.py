@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -36,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from irkit.search.dedup import (connected_groups, find_duplicates, find_pairs,  # noqa: E402
                                 group_duplicates)
 from irkit.store import FeatureStore  # noqa: E402
+from _machine import machine_report  # noqa: E402  (bench/ is the script's folder)
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 KINDS = ("exact", "resized", "jpeg_q15", "crop80", "bright_contrast", "text", "rotate5")
 
 
 def load_text() -> str:
-    return "load %.2f %.2f %.2f (1/5/15 min) on %d cores" % (*os.getloadavg(), os.cpu_count() or 0)
+    return machine_report(sample_s=0.5)
 
 
 def plant(kind: str, src: Path, dst: Path) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from irkit.search.index import Index  # noqa: E402
+from _machine import machine_report  # noqa: E402  (bench/ is the script's folder)
 
 
 # Families that copy the database into RAM (RFlat, IVF-Flat) are left out at 2048-D: 1M x 2048
@@ -261,6 +262,7 @@ def main() -> int:
     p.add_argument("--milvus-settle", type=float, default=180,
                    help="--backend milvus: seconds to wait for the background index build before measuring")
     args = p.parse_args()
+    print(machine_report(), flush=True)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -275,6 +277,7 @@ def main() -> int:
     for dim, rows in tables:
         print_table(dim, args.n, rows, args.k)
     print(f"\npeak RSS {peak_gib():.2f} GiB")
+    print(machine_report(), flush=True)
     return 0
 
 

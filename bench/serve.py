@@ -33,6 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import serve_tiny  # noqa: E402
+from _machine import machine_report  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -46,17 +47,11 @@ def png(seed: int, size: int = 64) -> bytes:
 
 
 def load_report(tag: str) -> tuple[float, bool]:
-    """Print the 1-minute load average; True (and a loud warning) when the machine is busy."""
-    load1, load5, _ = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    busy = load1 > 0.5 * cpus
-    print(f"load average {tag}: {load1:.2f} (1 min), {load5:.2f} (5 min) on {cpus} CPUs", flush=True)
-    if busy:
-        bar = "!" * 78
-        print(f"{bar}\n!! WARNING: the machine is BUSY (load {load1:.2f} on {cpus} CPUs): these are LOADED-machine\n"
-              f"!! figures, not the service's own; rerun on a quiet machine before quoting them.\n{bar}",
-              file=sys.stderr, flush=True)
-    return load1, busy
+    """Print the machine report (bench/_machine.py: load, other processes' share, a loud warning when
+    busy); (1-minute load, busy)."""
+    report = machine_report()
+    print(f"[{tag}] {report}", flush=True)
+    return os.getloadavg()[0], "BUSY" in report
 
 
 def queries_from_store(store: Path, n: int) -> list[bytes]:

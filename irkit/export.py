@@ -14,7 +14,6 @@ equivalent mean over H and W.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -270,26 +269,6 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: S
 
 
 # ---------------------------------------------------------------------------- CLI helper
-def onnx_model_from_args(args: argparse.Namespace) -> OnnxModel:
-    """``--runtime onnx``: ``--weights FILE.onnx``, or the ``--model`` preset (with ``--weights``)
-    exported once to ``<cache>/onnx/<preset>-<hash>.onnx`` and reused."""
-    weights = getattr(args, "weights", None)
-    if weights and str(weights).endswith(".onnx"):
-        return OnnxModel(weights)
-    from irkit.models.registry import build_model
-    from irkit.utils import cache_root
-
-    if str(getattr(args, "device", "cpu")) not in ("cpu", "auto"):
-        log.warning("--runtime onnx runs on CPU (onnxruntime); --device %s is ignored", args.device)
-    model = build_model(args.model, weights=weights, allow_partial=getattr(args, "allow_partial", False),
-                        device="cpu")
-    tag = hashlib.sha256(json.dumps(model_metadata(model), sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_root(getattr(args, "cache_dir", None)) / "onnx" / f"{model.preset_name}-{tag}.onnx"
-    if not path.is_file():
-        export_onnx(model, path)
-    return OnnxModel(path)
-
-
 # ---------------------------------------------------------------------------- runtime choice
 #: runtimes ``--runtime`` accepts; "auto" = the fastest one measured for the model's family
 RUNTIMES = ("auto", "torch", "onnx")

@@ -196,7 +196,7 @@ def extract_to_store(model: GlobalModel, items: Iterable[Item], store_dir: str |
                                         config=model_config(model, scales, with_maps),
                                         dim=model.dim, dtype=dtype)
     # a store begun before irkit stored prepared levels keeps raw maps (one format per store)
-    raw_maps = bool(with_maps and store.meta.get("map_channels") not in (None, _level_channels(model)))
+    raw_maps = bool(with_maps and holds_raw_maps(store, model))
     items = list(items)
     _check_unique_ids(items)
     todo = [it for it in items if it.id not in store]  # earlier failures are retried (maybe fixed since)
@@ -271,6 +271,12 @@ def extract(images: str | Path | Sequence[str | Path], store: str | Path, model:
 
 def _level_channels(model: GlobalModel) -> int | None:
     return model.reranker.conv2ds[0].out_channels if stores_levels(model) else None
+
+
+def holds_raw_maps(store: Any, model: GlobalModel) -> bool:
+    """Whether ``store`` keeps raw re-rank maps (written before stores kept CVNet's prepared levels):
+    new maps for it must then be raw too, since a store holds one format."""
+    return store.meta.get("map_channels") not in (None, _level_channels(model))
 
 
 def _scale_one_index(scales: Sequence[float]) -> int:

@@ -12,6 +12,20 @@ ASSETS = SHARED / "assets"
 REFERENCE = SHARED / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Dataset stores and ONNX exports go to a cache of this test session, never the user's ~/.cache."""
+    import os
+
+    before = os.environ.get("IRKIT_CACHE")
+    os.environ["IRKIT_CACHE"] = str(tmp_path_factory.mktemp("irkit-cache"))
+    yield
+    if before is None:
+        os.environ.pop("IRKIT_CACHE", None)
+    else:
+        os.environ["IRKIT_CACHE"] = before
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real asset {path} is absent (it lives in ../shared beside the project; CI has it)")

@@ -16,6 +16,7 @@ from irkit.models.cvnet import CVNetReranker
 from irkit.models.registry import build_model
 from irkit.nn.conv4d import (center_pivot_conv4d_cl, conv4d_reference, from_channels_last_4d, group_norm_cl,
                              to_channels_last_4d)
+from irkit.search.engine import SearchEngine
 from irkit.search.rerank import CVNetScorer
 from irkit.store import FeatureStore
 
@@ -161,3 +162,12 @@ def test_extraction_stores_levels_and_reads_old_raw_stores(tmp_path: Path) -> No
     s_new = CVNetScorer(rr, new).score(new.get_map(0), np.arange(3))
     s_old = CVNetScorer(rr, old).score(old.get_map(0), np.arange(3))
     np.testing.assert_allclose(s_new, s_old, atol=1e-4, rtol=0)
+    # adding to the old store through the one SearchEngine (the service's add path) keeps its raw format
+    old.close()
+    engine = SearchEngine.open(old.root, model=model)
+    img = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    desc, fmap = engine.embed_with_map(img)
+    engine.add(["added"], [str(tmp_path / "added.png")], desc[None], maps=[fmap])
+    assert fmap.shape[0] == 1024 and engine.store.get_map(engine.row_of("added")).shape[0] == 1024
+    hits = engine.search(id="im0", k=4, rerank="cvnet")
+    assert hits[0]["id"] == "im0" and {h["stage"] for h in hits} == {"cvnet"}

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from irkit.errors import ConfigError, StoreError
-from irkit.extract import check_scales, embed_tensors, model_config, scaled_inputs
+from irkit.extract import check_scales, embed_tensors, holds_raw_maps, model_config, scaled_inputs
 from irkit.io.images import crop_bbx, load_image
 from irkit.models.base import GlobalModel
 from irkit.models.registry import build_model
@@ -110,15 +110,16 @@ class SearchEngine:
         return self.embed_with_map(crop_bbx(img, box) if box is not None else img, with_map=False)[0]
 
     def embed_with_map(self, img: np.ndarray, with_map: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Descriptor [D] and, when ``with_map``, the re-rank map of the scale-1 input (as extraction
-        stores them), from one forward pass per scale."""
+        """Descriptor [D] and, when ``with_map``, the re-rank map of the scale-1 input in the store's
+        format (CVNet's prepared levels, or raw maps in older stores), from one forward pass per scale."""
         map_index = None
         if with_map:
             map_index = next((i for i, s in enumerate(self.scales) if abs(s - 1.0) < 1e-9), None)
             if map_index is None:
                 raise ConfigError("CVNet re-ranking needs the scale 1.0 among the store's scales")
         desc, maps = embed_tensors(self.model, [scaled_inputs(self.model, img, self.scales)],
-                                   with_maps=with_map, map_scale_index=map_index)
+                                   with_maps=with_map, map_scale_index=map_index,
+                                   raw_maps=with_map and holds_raw_maps(self.store, self.model))
         return desc[0], (maps[0] if maps else None)
 
     # ------------------------------------------------------------------ search

@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: the measured cost (README Benchmarks; `python bench/extract_onnx.py --minidev`)
+INT8_MEASURED_COST = ("minidev mAP Easy -10.7, Medium -1.9, Hard +0.1 (effnetlite2-gem, static QDQ, "
+                      "8 calibration images at one scale)")
+
+
 def run(args: argparse.Namespace) -> int:
     from irkit.export import calibration_inputs, export_onnx, quantize_int8
 
@@ -44,4 +49,6 @@ def run(args: argparse.Namespace) -> int:
             calib = calibration_inputs(model, images, args.scales)
         out = quantize_int8(path, args.int8, calib)
         print(f"{out}: int8 ({'static QDQ, %d calibration inputs' % len(calib) if calib else 'dynamic'})")
+        print(f"int8 costs accuracy: {INT8_MEASURED_COST}; check it on your data (`irkit eval --model ... "
+              "--weights model.int8.onnx`) before using it; irkit never chooses int8 by itself")
     return 0

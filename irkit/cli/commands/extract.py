@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from irkit.cli.common import add_model_args, model_from_args
+from irkit.cli.common import add_model_args, add_runtime_arg, model_from_args
 from irkit.data.collection import load_collection
 from irkit.data.revisitop import load_revisitop
 from irkit.distributed import cleanup
 from irkit.errors import ConfigError
-from irkit.export import onnx_model_from_args
+from irkit.export import OnnxModel
 from irkit.extract import Item, extract_to_store
 from irkit.shard import extract_distributed, init_distributed
 
@@ -29,8 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--distributed", action="store_true", help="run under torchrun: each rank extracts a "
                    "shard into STORE/shards/, rank 0 merges them into STORE (see irkit.shard)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="onnx: run the model with "
-                   "onnxruntime on CPU (--weights FILE.onnx, or the preset exported to a cached .onnx)")
+    add_runtime_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -71,9 +70,10 @@ def run_distributed(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, bool]:
-    """The model to run and whether to optimise it for inference (torch only)."""
-    if args.runtime == "onnx":
-        return onnx_model_from_args(args), False
+    """The model to run and whether to optimise it for inference (torch only): ``--weights FILE.onnx``
+    runs that exported file; otherwise the preset, on the runtime ``--runtime`` chooses."""
+    if args.weights and str(args.weights).endswith(".onnx"):
+        return OnnxModel(args.weights), False
     return model_from_args(args), True
 
 
