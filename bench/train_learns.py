@@ -331,6 +331,14 @@ def stage_whitening(args, base_run, seeds) -> dict:
                                  "pool_val_gain": round(float(np.mean([v["whitened"] - v["none"] for v in val])), 2)}
         log.info("whitening %s: minidev %s, pool-val gain %+.2f", name, res["variants"][name]["minidev_post_scale_average"],
                  res["variants"][name]["pool_val_gain"])
+    # spread: the Lw of each seed learned without that seed's held-out classes (other pool subsets)
+    res["lw_subsets"] = {}
+    for s in seeds:
+        keep = ~np.isin(np.array(names)[labels], val_classes_for_seed(names, counts, s))
+        w = learn_whitening(T.from_numpy(x[keep]), labels[keep], "lw", shrinkage=0.1)
+        _, ranks = global_search(w.apply(q).numpy(), w.apply(db).numpy())
+        res["lw_subsets"][str(s)] = emh(evaluate_ranks(ranks, base_run.dataset.gnd))
+    res["lw_subsets_mean"] = mean_spread(list(res["lw_subsets"].values()))
     chosen = max(res["variants"], key=lambda n: res["variants"][n]["pool_val_gain"])
     res["chosen_on_pool_val"] = chosen
     # the preset path: whitening applied per scale inside the model (what `irkit whiten` + -lw does)
@@ -363,6 +371,7 @@ def stage_rerank(args, base_run, seeds) -> dict:
             overrides = [f"out_dir={folder}", "model.preset=effnetlite2-cvnet", "data.kind=folder",
                          f"data.path={args.pool}", f"data.val_class_names=[{','.join(val)}]",
                          f"data.views.size=[{h},{w}]", f"data.cache_dir={out}", f"seed={seed}",
+                         f"eval.rerank_topks=[{args.rerank_topks}]",
                          f"steps={args.steps}", f"max_minutes={args.minutes}", "eval.every=50", "eval.patience=6",
                          "ckpt_every=100", "log_every=10", "progress=false"] + list(args.override)
             trainer = Trainer(make_config("cvnet-rerank", overrides))
@@ -373,11 +382,13 @@ def stage_rerank(args, base_run, seeds) -> dict:
             ckpt = best if best.is_file() else folder / "model.safetensors"
             model = build_model("effnetlite2-cvnet", weights=ckpt)
             t = time.time()
-            if (folder / "rerank.json").is_file():          # written by the recipe at the end of training
+            topks = [int(k) for k in args.rerank_topks.split(",")]
+            if (folder / "rerank.json").is_file() and json.loads((folder / "rerank.json").read_text()).get(
+                    "topks") == topks:                      # written at the end of training with these top-k
                 choice = json.loads((folder / "rerank.json").read_text())
             else:
-                choice = select_on_bank(model.reranker, trainer.recipe.bank, topks=(10, 25, 50, 100),
-                                        max_queries=40, seed=seed)
+                choice = select_on_bank(model.reranker, trainer.recipe.bank, topks=topks, max_queries=40, seed=seed)
+                choice["topks"] = topks
                 save_rerank_choice(choice, folder, checkpoint=str(ckpt), val_classes=val)
             return {"val_classes": val, "checkpoint": str(ckpt), "steps": summary["step"],
                     "train_seconds": summary["seconds"], "setup_seconds": summary.get("setup_seconds"),
@@ -397,12 +408,15 @@ def stage_rerank(args, base_run, seeds) -> dict:
                 after = emh(rerank_results(run, model, k=tr["topk"], lam=tr["lambda"], progress=False)[0])
             else:
                 after = emh(run.results)   # λ = 0: the global ranking, unchanged
-            fixed = emh(rerank_results(run, model, k=100, lam=0.5, progress=False)[0])
-            return {**tr, "minidev_reranked": after, "minidev_lambda0.5_top100": fixed,
-                    "minidev_eval_seconds": round(time.time() - t, 1)}
+            out_row = {**tr, "minidev_reranked": after, "minidev_eval_seconds": round(time.time() - t, 1)}
+            if args.rerank_reference:       # the untuned default, for comparison (costs another re-ranking)
+                out_row["minidev_lambda0.5_top100"] = emh(rerank_results(run, model, k=100, lam=0.5,
+                                                                         progress=False)[0])
+            return out_row
         res["seeds"][str(seed)] = _cached(out / f"seed{seed}" / "result.json", eval_one)
     res["mean"] = mean_spread([r["minidev_reranked"] for r in res["seeds"].values()])
-    res["mean_lambda0.5_top100"] = mean_spread([r["minidev_lambda0.5_top100"] for r in res["seeds"].values()])
+    if all("minidev_lambda0.5_top100" in r for r in res["seeds"].values()):
+        res["mean_lambda0.5_top100"] = mean_spread([r["minidev_lambda0.5_top100"] for r in res["seeds"].values()])
     return res
 
 
@@ -484,14 +498,16 @@ def print_real_table(res: dict) -> None:
               f"   pool-val gain {v['pool_val_gain']:+.2f}")
     if "whitening" in res:
         w = res["whitening"]
+        for sd, v in w.get("lw_subsets", {}).items():
+            print(f"{'lw-1280 without seed ' + sd + ' val classes':40s} {f(v)}")
         print(f"{'preset -lw (' + w['chosen_on_pool_val'] + ', per scale)':40s} {f(w['preset']['minidev'])}")
     if "rerank" in res:
         r = res["rerank"]
         print(f"{'global only (re-ranker rows)':40s} {f(r['global'])}")
         for s, v in r["seeds"].items():
             print(f"{'cvnet-rerank seed ' + s:40s} {f(v['minidev_reranked'])}   λ {v['lambda']} top-{v['topk']}, "
-                  f"val mAP {v['val_map_global']:.2f} -> {v['val_map_reranked']:.2f}; λ0.5/top100: "
-                  f"{f(v['minidev_lambda0.5_top100'])}")
+                  f"val mAP {v['val_map_global']:.2f} -> {v['val_map_reranked']:.2f}"
+                  + (f"; λ0.5/top100: {f(v['minidev_lambda0.5_top100'])}" if "minidev_lambda0.5_top100" in v else ""))
         m = r["mean"]
         print(f"{'cvnet-rerank mean':40s} {m['easy']['mean']:.2f} / {m['medium']['mean']:.2f} / {m['hard']['mean']:.2f}")
     for recipe, v in res.get("finetune", {}).get("recipes", {}).items():
@@ -531,6 +547,11 @@ def main(argv=None) -> int:
     p.add_argument("--rerank-view", default="224,288", help="real rerank: view size h,w of the map bank")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--cache-dir", default=None, help="real: minidev feature-store cache (default: irkit's)")
+    p.add_argument("--rerank-topks", default="10,25,50,100",
+                   help="real rerank: top-k values the validation split chooses from (minidev re-ranking cost "
+                        "grows with k: 37 queries x k pairs)")
+    p.add_argument("--rerank-reference", action="store_true",
+                   help="real rerank: also re-rank minidev with the untuned λ 0.5 / top 100")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -58,7 +58,7 @@ def select_rerank(sim: np.ndarray, gnd: list[dict], score: Callable[[int, np.nda
     ``sim [n_q, n_db]`` global similarities; ``gnd`` per query (:func:`label_gnd`); ``score(j,
     rows)`` the re-rank scores of query ``j`` against database ``rows`` (called once per query with
     its global top-``max(topks)``, junk rows skipped). Returns ``{"lambda", "topk", "val_map",
-    "val_map_global", "grid": [{lambda, topk, map}, ...], "n_queries"}``."""
+    "val_map_global", "grid": [{lambda, topk, map}, ...], "n_queries", "lambdas", "topks"}``."""
     sim = np.asarray(sim, dtype=np.float32)
     if sim.ndim != 2 or sim.shape[0] != len(gnd):
         raise ConfigError(f"select_rerank: {sim.shape} similarities for {len(gnd)} queries")
@@ -88,7 +88,7 @@ def select_rerank(sim: np.ndarray, gnd: list[dict], score: Callable[[int, np.nda
     if best["lambda"] == 0.0:
         best = {"lambda": 0.0, "topk": topks[0], "map": base}
     return {"lambda": best["lambda"], "topk": best["topk"], "val_map": best["map"], "val_map_global": base,
-            "grid": grid, "n_queries": n_q, "protocol": protocol}
+            "grid": grid, "n_queries": n_q, "protocol": protocol, "lambdas": lambdas, "topks": topks}
 
 
 def save_rerank_choice(choice: dict[str, Any], folder: str | Path, **extra: Any) -> Path:
