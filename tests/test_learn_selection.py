@@ -109,3 +109,15 @@ def test_rerank_choice_file(tmp_path):
     (tmp_path / "rerank.json").write_text('{"lambda": -1, "topk": 5}')
     with pytest.raises(ConfigError, match=">= 0"):
         load_rerank_choice(ckpt)
+
+
+def test_min_gain_keeps_global_for_a_noise_level_gain():
+    sim = np.array([[0.9, 0.8, 0.7, 0.1]])
+    gnd = [{"easy": [1], "hard": [], "junk": [], "bbx": None}]
+    swap = lambda j, rows: (rows == 1).astype(float)                      # noqa: E731  moves the positive up
+    free = select_rerank(sim, gnd, swap, lambdas=(1.0,), topks=(3,))
+    assert free["lambda"] == 1.0 and free["val_map"] == 100.0 and free["val_map_global"] == 25.0
+    guarded = select_rerank(sim, gnd, swap, lambdas=(1.0,), topks=(3,), min_gain=80.0)
+    assert guarded["lambda"] == 0.0 and guarded["val_map"] == 25.0 and guarded["best_lambda"] == 1.0
+    with pytest.raises(ConfigError):
+        select_rerank(sim, gnd, swap, min_gain=-1)

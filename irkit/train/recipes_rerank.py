@@ -470,7 +470,8 @@ class CVNetRerankRecipe(Recipe):
             state = load_file(str(best))
             rr.load_state_dict({k[len("reranker."):]: v for k, v in state.items() if k.startswith("reranker.")})
         E = self.cfg.eval
-        choice = select_on_bank(rr, self.bank, E.rerank_lambdas, E.rerank_topks, E.rerank_queries, self.cfg.seed)
+        choice = select_on_bank(rr, self.bank, E.rerank_lambdas, E.rerank_topks, E.rerank_queries, self.cfg.seed,
+                                min_gain=E.rerank_min_gain)
         path = save_rerank_choice(choice, self.cfg.out_dir, checkpoint=str(ckpt))
         log.info("re-rank choice on held-out classes: lambda %.3g, top-%d (val mAP %.2f -> %.2f) -> %s",
                  choice["lambda"], choice["topk"], choice["val_map_global"], choice["val_map"], path)
@@ -490,7 +491,7 @@ class CVNetRerankRecipe(Recipe):
 # ------------------------------------------------------------------------ λ / top-k on validation
 @torch.no_grad()
 def select_on_bank(reranker: nn.Module, bank: MapBank, lambdas=None, topks=None, max_queries: int = 60,
-                   seed: int = 0, batch: int = 32) -> dict[str, Any]:
+                   seed: int = 0, batch: int = 32, min_gain: float = 0.0) -> dict[str, Any]:
     """Choose λ and top-k of a trained re-ranker on the bank's held-out classes
     (:func:`irkit.train.select.select_rerank`): each held-out view (at most ``max_queries``, drawn
     with ``seed``) queries every other view of the bank (training classes are distractors),
@@ -520,6 +521,6 @@ def select_on_bank(reranker: nn.Module, bank: MapBank, lambdas=None, topks=None,
         return np.concatenate(out) if out else np.zeros(0)
 
     try:
-        return select_rerank(sim, gnd, score, lambdas or DEFAULT_LAMBDAS, topks or DEFAULT_TOPKS)
+        return select_rerank(sim, gnd, score, lambdas or DEFAULT_LAMBDAS, topks or DEFAULT_TOPKS, min_gain=min_gain)
     finally:
         reranker.train(was)

@@ -52,13 +52,16 @@ def _resort(order: np.ndarray, sim: np.ndarray, rr: np.ndarray, k: int, lam: flo
 
 def select_rerank(sim: np.ndarray, gnd: list[dict], score: Callable[[int, np.ndarray], np.ndarray],
                   lambdas: Sequence[float] = DEFAULT_LAMBDAS, topks: Sequence[int] = DEFAULT_TOPKS,
-                  protocol: str = "easy") -> dict[str, Any]:
+                  protocol: str = "easy", min_gain: float = 0.0) -> dict[str, Any]:
     """Pick (λ, top-k) maximising validation mAP.
 
     ``sim [n_q, n_db]`` global similarities; ``gnd`` per query (:func:`label_gnd`); ``score(j,
     rows)`` the re-rank scores of query ``j`` against database ``rows`` (called once per query with
     its global top-``max(topks)``, junk rows skipped). Returns ``{"lambda", "topk", "val_map",
-    "val_map_global", "grid": [{lambda, topk, map}, ...], "n_queries", "lambdas", "topks"}``."""
+    "val_map_global", "grid": [{lambda, topk, map}, ...], "n_queries", "lambdas", "topks"}``.
+    ``min_gain`` (mAP points): keep λ = 0 unless the best re-ranking beats the global ranking on
+    validation by at least that much (a gain of a few hundredths of a point on a few dozen queries
+    is noise, and it need not carry over to other data); ``best_*`` report the unguarded optimum."""
     sim = np.asarray(sim, dtype=np.float32)
     if sim.ndim != 2 or sim.shape[0] != len(gnd):
         raise ConfigError(f"select_rerank: {sim.shape} similarities for {len(gnd)} queries")
@@ -84,10 +87,14 @@ def select_rerank(sim: np.ndarray, gnd: list[dict], score: Callable[[int, np.nda
             ranks = np.stack([_resort(orders[j], sim[j], rrs[j], kk, lam) for j in range(n_q)], axis=1)
             grid.append({"lambda": lam, "topk": k, "map": float(evaluate_ranks(ranks, gnd)[protocol]["map"])})
     base = next(g["map"] for g in grid if g["lambda"] == 0.0)
-    best = max(grid, key=lambda g: (round(g["map"], 6), -g["lambda"], -g["topk"]))
-    if best["lambda"] == 0.0:
+    if min_gain < 0 or not np.isfinite(min_gain):
+        raise ConfigError(f"select_rerank: min_gain must be >= 0, got {min_gain}")
+    raw = max(grid, key=lambda g: (round(g["map"], 6), -g["lambda"], -g["topk"]))
+    best = raw
+    if best["lambda"] == 0.0 or best["map"] - base < min_gain:
         best = {"lambda": 0.0, "topk": topks[0], "map": base}
     return {"lambda": best["lambda"], "topk": best["topk"], "val_map": best["map"], "val_map_global": base,
+            "best_lambda": raw["lambda"], "best_topk": raw["topk"], "best_val_map": raw["map"], "min_gain": min_gain,
             "grid": grid, "n_queries": n_q, "protocol": protocol, "lambdas": lambdas, "topks": topks}
 
 

@@ -197,6 +197,7 @@ class EvalConfig:
     rerank_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
     rerank_topks: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     rerank_queries: int = 40        # cvnet-rerank: held-out views that query the bank to choose λ / top-k
+    rerank_min_gain: float = 0.5    # λ stays 0 unless re-ranking gains this many validation mAP points
 
 
 @dataclass
