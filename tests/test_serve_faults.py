@@ -90,10 +90,10 @@ def _writer(url: str, mode: str, prefix: str, deletable: list[str], acked_adds: 
                     if not deletable:
                         return
                     victim = deletable.pop(rng.randrange(len(deletable)))
-                    r = c.delete(f"/images/{victim}", headers=AUTH)
+                    acked_adds.discard(victim)   # from here its state is unknown until the delete is confirmed:
+                    r = c.delete(f"/images/{victim}", headers=AUTH)   # a kill may land after the commit
                     if r.status_code == 200:
                         acked_deletes.add(victim)
-                        acked_adds.discard(victim)
             except httpx.HTTPError:
                 return                       # the server was killed
             i += 1
