@@ -60,7 +60,10 @@ def machine_report(sample_s: float = 1.0) -> str:
     lines = [f"machine: {time.strftime('%Y-%m-%d %H:%M')}, {n} usable cores, load average "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), other processes' CPU share "
              f"{share_txt} over {sample_s:.0f} s"]
-    if load[0] > 0.5 * n or (share is not None and share > BUSY_SHARE):
+    # the other processes' CPU share is the measure when it can be read: the load average lags by
+    # minutes and counts this benchmark's own threads (and its server's)
+    busy = share > BUSY_SHARE if share is not None else load[0] > 0.5 * n
+    if busy:
         lines.append("!" * 78)
         lines.append(f"!!! WARNING: the machine is BUSY (load {load[0]:.1f} on {n} cores, others use "
                      f"{share_txt} of the CPU).")
