@@ -193,3 +193,35 @@ def test_cli_api_and_service_search_a_milvus_collection(tmp_path, query, capsys)
         assert index.ntotal == 24
         hits = client.post("/search", json={"id": "added", "k": 24}).json()["results"]
         assert hits[0]["id"] == "added" and "img003" not in {h["id"] for h in hits}
+
+
+def test_eval_takes_lambda_and_topk_from_the_rerank_json_beside_the_weights(tmp_path, capsys):
+    """A trained re-ranker's λ/top-k were chosen on its validation classes (rerank.json beside the
+    checkpoint): `irkit eval --rerank cvnet --weights …` uses them unless given on the command line."""
+    import pickle
+
+    import torch
+
+    from irkit.models.registry import build_model
+
+    serve_tiny.register()
+    jpg = tmp_path / "toy" / "jpg"
+    jpg.mkdir(parents=True)
+    names = []
+    for p in serve_tiny.make_images(tmp_path / "png", 8, seed=4):
+        Image.open(p).save(jpg / f"{p.stem}.jpg", quality=95)
+        names.append(p.stem)
+    gnd = [{"bbx": [0, 0, 64, 64], "easy": [i + 1], "hard": [], "junk": [i]} for i in range(0, 8, 2)]
+    with open(tmp_path / "toy" / "gnd_toy.pkl", "wb") as fh:
+        pickle.dump({"imlist": names, "qimlist": names[0:8:2], "gnd": gnd}, fh)
+    weights = tmp_path / "run" / "best.pth"
+    weights.parent.mkdir()
+    torch.save(build_model(serve_tiny.PRESET).state_dict(), weights)
+    (weights.parent / "rerank.json").write_text(json.dumps({"lambda": 0.0, "topk": 3}))
+    args = ["eval", "--dataset", "toy", "--data-dir", str(tmp_path), "--model", serve_tiny.PRESET,
+            "--weights", str(weights), "--rerank", "cvnet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "top 3" in out and "lambda 0.0, from rerank.json" in out
+    assert main(args + ["--lambda", "0.5"]) == 0
+    assert "top 3" in (out := capsys.readouterr().out) and "lambda 0.5," in out

@@ -20,6 +20,7 @@ from irkit.data.revisitop import load_gnd
 from irkit.errors import ConfigError, RankingError
 from irkit.eval.revisitop import PROTOCOLS, evaluate_ranks, format_table, ranks_from_scores
 from irkit.pipeline import QueryExpansion, evaluate_dataset, evaluate_ranking, rerank_results
+from irkit.train.select import load_rerank_choice
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ds.add_argument("--dba", type=int, default=0, help="database-side augmentation neighbours (0 = off)")
     ds.add_argument("--rerank", choices=["none", "cvnet", "spatial"], default="none",
                     help="re-rank the global top-k (cvnet needs a cvnet-* model)")
-    ds.add_argument("--topk", type=int, default=100, help="candidates to re-rank (default 100)")
+    ds.add_argument("--topk", type=int, default=None, help="candidates to re-rank (default: rerank.json beside "
+                    "the --weights of a trained re-ranker, else 100)")
     ds.add_argument("--rerank-mode", choices=["plain", "protocol"], default="plain",
                     help="plain: the global top-k; protocol: skip images each protocol ignores (as CVNet/DELG)")
-    ds.add_argument("--lambda", dest="lam", type=float, default=0.5,
-                    help="final score = global + lambda * rerank (default 0.5)")
+    ds.add_argument("--lambda", dest="lam", type=float, default=None,
+                    help="final score = global + lambda * rerank (default: rerank.json beside the --weights of a "
+                    "trained re-ranker, chosen on its validation classes, else 0.5)")
     ds.add_argument("--distractors", type=Path, help="+1M: a distractor feature store, or a revisitop1m list "
                     "file (extracted into the cache first, needs --distractors-root); streamed, exact")
     ds.add_argument("--distractors-root", type=Path, help="image root of the --distractors list file")
@@ -162,8 +165,12 @@ def run_dataset(args: argparse.Namespace) -> int:
                                             scales=run_.scales, cache_dir=args.cache_dir, progress=not args.json)
         label = f"global, +{results.get('n_distractors', '?')} distractors"
     if args.rerank != "none":
-        results, ranks = rerank_results(run_, model, args.topk, mode=args.rerank_mode, method=args.rerank, lam=args.lam)
-        label = f"re-ranked ({args.rerank}, top {args.topk}, {args.rerank_mode} candidates, lambda {args.lam})"
+        choice = load_rerank_choice(args.weights) if args.rerank == "cvnet" else None
+        lam = args.lam if args.lam is not None else (choice["lambda"] if choice else 0.5)
+        topk = args.topk if args.topk is not None else (choice["topk"] if choice else 100)
+        results, ranks = rerank_results(run_, model, topk, mode=args.rerank_mode, method=args.rerank, lam=lam)
+        label = (f"re-ranked ({args.rerank}, top {topk}, {args.rerank_mode} candidates, lambda {lam}"
+                 + (", from rerank.json)" if choice and (args.lam is None or args.topk is None) else ")"))
     if args.report:
         from irkit.eval.report import write_report
 
