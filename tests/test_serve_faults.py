@@ -128,7 +128,14 @@ def test_kill_9_during_writes_loses_nothing(tmp_path, mode):
             t = threading.Thread(target=_writer, args=(server.url, mode, f"k{round_}", deletable, acked_adds,
                                                        acked_deletes, stop))
             t.start()
-            time.sleep(0.6 + random.Random(round_).random() * 0.8)   # some writes commit, one is cut
+            # kill once a few writes of this round are confirmed (counted, not timed: a fast machine
+            # could otherwise finish every write first), so some commit and one is cut
+            done_before = len(acked_adds) + len(acked_deletes)
+            wanted = 3 + random.Random(round_).randrange(6)
+            deadline = time.monotonic() + 60
+            while (len(acked_adds) + len(acked_deletes) - done_before < wanted and t.is_alive()
+                   and time.monotonic() < deadline):
+                time.sleep(0.005)
             writing = t.is_alive()
             server.kill()
             stop.set()
