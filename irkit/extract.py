@@ -114,7 +114,7 @@ def embed_tensors(model: GlobalModel, inputs: Sequence[Sequence[torch.Tensor]],
                 else:
                     desc = runner(batch)
             per_scale_out.append(F.normalize(desc.float(), dim=-1))
-        reduced = reduce_scales(torch.stack(per_scale_out), model.scale_reduce).cpu()
+        reduced = model.post_scales(reduce_scales(torch.stack(per_scale_out), model.scale_reduce)).cpu()
         for j, i in enumerate(members):
             descs[i] = reduced[j]
     out = torch.stack(descs).numpy().astype(np.float32) if n else np.zeros((0, model.dim), np.float32)

@@ -38,6 +38,11 @@ class GlobalModel(nn.Module):
         """Descriptor and re-rank map of one input; models that share a trunk override it to run once."""
         return self(x), self.rerank_map(x)
 
+    def post_scales(self, desc: Tensor) -> Tensor:
+        """Applied once to the scale-combined, L2-normalised descriptor [B, dim] (``forward`` runs
+        per scale): e.g. a whitening learned on multi-scale descriptors. Identity by default."""
+        return desc
+
     def describe(self) -> dict[str, Any]:
         """What determines the descriptors, for a feature store's config hash."""
         return {"preset": self.preset_name, "class": type(self).__name__, "dim": self.dim,

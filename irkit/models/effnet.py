@@ -153,12 +153,27 @@ def _needs_whitening_file(variant: str) -> Callable[[], None]:
 
 
 class EffNetGeMLw(EffNetGeM):
-    """``effnetlite*-gem`` + a whitening learned on descriptors (``irkit whiten``), applied to every
-    scale's L2-normalised GeM vector as ``P (x - m)`` then L2; see :func:`_convert_whitened`."""
+    """``effnetlite*-gem`` + a whitening learned on descriptors (``irkit whiten``): ``P (x - m)``
+    then L2, applied once to the scale-averaged descriptor (``post_scales``), which is what it was
+    learned on; ``forward`` (one scale) stays the plain GeM vector. See :func:`_convert_whitened`.
+    Why after the average: measured on minidev, Lw per scale gave E/M/H 75.38 / 65.30 / 62.95,
+    after the average 86.07 / 67.32 / 62.95 (README, "Does it learn?")."""
 
     def __init__(self, variant: str = "lite2", **options) -> None:
         options.setdefault("whitening", True)
         super().__init__(variant, **options)
+
+    def _head(self, fmap: Tensor) -> Tensor:
+        return F.normalize(self.pool(fmap), dim=-1)
+
+    def post_scales(self, desc: Tensor) -> Tensor:
+        w = self.whiten
+        return F.normalize(F.linear(desc.to(w.weight.device, w.weight.dtype), w.weight, w.bias), dim=-1)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(whitening_applied="after the scale average")
+        return out
 
 
 for _v in ("lite0", "lite1", "lite2"):
@@ -167,7 +182,7 @@ for _v in ("lite0", "lite1", "lite2"):
         build=(lambda v=_v, **options: EffNetGeMLw(v, **options)),
         description=(f"effnet{_v}-gem + a whitening learned from labelled photos: `irkit whiten --pool DIR "
                      f"--model effnet{_v}-gem -o lw.safetensors`, then --model effnet{_v}-gem-lw --weights "
-                     "lw.safetensors (Lw or PCA-w, applied per scale before the scale average)"),
+                     "lw.safetensors (Lw or PCA-w, applied once to the scale-averaged descriptor)"),
         convert=_convert_whitened(_v),
         default_weights=_needs_whitening_file(_v),
     ))
