@@ -222,11 +222,17 @@ def calibration_inputs(model: GlobalModel, images: Iterable[np.ndarray],
     return out
 
 
+#: ops quantized by default: the convolutions and matmuls; pooling (GeM's x^p and mean), the
+#: normalisation and the head stay float, where int8 rounding changes rankings most
+INT8_OPS = ("Conv", "MatMul", "Gemm")
+
+
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray] | None = None,
-                  *, per_channel: bool = True) -> Path:
+                  *, per_channel: bool = True, op_types: Sequence[str] | None = INT8_OPS) -> Path:
     """int8 copy of an exported model: static QDQ (activations calibrated on ``calibration``,
     a list of [1,3,H,W] inputs, MinMax; weights per channel) or, without calibration, dynamic
-    (weights only). The irkit metadata is kept, with ``quantization`` recorded."""
+    (weights only); only ``op_types`` are quantized (None: every op onnxruntime can). The irkit
+    metadata is kept, with ``quantization`` recorded."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -254,8 +260,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: S
 
             quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
-            kind = {"mode": "static-qdq", "calibration_inputs": len(calibration), "per_channel": per_channel}
+                            weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(op_types) if op_types is not None else None)
+            kind = {"mode": "static-qdq", "calibration_inputs": len(calibration), "per_channel": per_channel,
+                    "op_types": list(op_types) if op_types is not None else "all"}
         else:
             quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QUInt8)
             kind = {"mode": "dynamic"}
