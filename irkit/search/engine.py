@@ -89,6 +89,7 @@ class SearchEngine:
         self._cvnet: CVNetScorer | None = None
         self._spatial: FileSpatialScorer | None = None
         self._scorer_lock = threading.Lock()  # the scorers' caches are not thread-safe
+        self._listing: tuple[Any, list[str], list[str]] = (None, [], [])
 
     @classmethod
     def open(cls, store_dir: str | Path, weights: str | Path | None = None, device: str | None = "cpu",
@@ -159,12 +160,13 @@ class SearchEngine:
             return []
         q = np.asarray(qdesc, np.float32).reshape(1, -1)
         used_qe = opts.qe != "none" and opts.qe_k > 0
-        if used_qe:
-            kq = min(opts.qe_k, len(self.index))
-            neighbours = self.index.search(q, kq)
-            db = self.store.descriptors()
-            q = (qe_mod.aqe(q, db, kq, neighbours=neighbours) if opts.qe == "aqe"
-                 else qe_mod.alpha_qe(q, db, kq, opts.qe_alpha, neighbours=neighbours))
+        if used_qe:  # the neighbours' vectors only (a 1M-image store is never copied whole)
+            s, r = self.index.search(q, min(opts.qe_k, len(self.index)))
+            found = r[0] >= 0
+            near = self.store.take(r[0][found])
+            neighbours = (s[:, found], np.arange(len(near))[None])
+            q = (qe_mod.aqe(q, near, len(near), neighbours=neighbours) if opts.qe == "aqe"
+                 else qe_mod.alpha_qe(q, near, len(near), opts.qe_alpha, neighbours=neighbours))
         depth = min(max(opts.k, opts.topk if opts.rerank != "none" else 0), len(self.index))
         rescore = opts.rescore if opts.rescore is not None else int(self.index.meta.get("rescore_k") or 0)
         scores, rows = self.index.search(q, depth, rescore=rescore > 0, rescore_k=rescore)
@@ -175,9 +177,16 @@ class SearchEngine:
         if opts.rerank != "none" and len(rows):
             order, final, scored = self._rerank(scores, rows, opts, query_image, query_map)
             stage[list(scored)] = opts.rerank
-        ids, paths = self.store.ids, self.store.paths
+        ids, paths = self._ids_paths()
         return [{"id": ids[rows[i]], "path": paths[rows[i]], "score": float(final[i]),
                  "global": float(scores[i]), "stage": str(stage[i])} for i in order[:opts.k]]
+
+    def _ids_paths(self) -> tuple[list[str], list[str]]:
+        """The store's ids and paths, copied once per store generation (not once per search)."""
+        version = (self.store.uid, self.store.generation, len(self.store))
+        if self._listing[0] != version:
+            self._listing = (version, self.store.ids, self.store.paths)
+        return self._listing[1], self._listing[2]
 
     def _rerank(self, scores: np.ndarray, rows: np.ndarray, opts: SearchOptions, image: np.ndarray | None,
                 qmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
