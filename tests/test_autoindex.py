@@ -8,7 +8,8 @@ import pytest
 
 from irkit.cli import main as cli_main
 from irkit.errors import ConfigError
-from irkit.search.autoindex import candidates, choose_index, exact_topk, parse_size
+from irkit.search.autoindex import candidates, choose_index, parse_size
+from irkit.search.index import exact_knn
 from irkit.search.index import Index
 from irkit.store import FeatureStore
 
@@ -44,11 +45,11 @@ def test_candidates_follow_the_budget():
         candidates(n, dim, 2**30, families=("annoy",))
 
 
-def test_exact_topk_matches_brute_force():
+def test_exact_knn_matches_brute_force():
     x = _clustered(3000)
     q = x[:7]
     ref = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :5]
-    np.testing.assert_array_equal(exact_topk(q, x, 5, batch_size=1000), ref)
+    np.testing.assert_array_equal(exact_knn(q, x, 5, batch_size=1000)[1], ref)
 
 
 def test_roomy_budget_picks_exact():
@@ -70,7 +71,7 @@ def test_ivf_tuned_to_target_recall_and_measured_for_real():
     rng = np.random.default_rng(5)
     qrows = rng.choice(len(x), 100, replace=False)
     _, got = res.index.search(x[qrows], 11)
-    truth = exact_topk(x[qrows], x, 11)
+    truth = exact_knn(x[qrows], x, 11)[1]
     rec = np.mean([len(set(g[1:]) & set(t[1:])) / 10 for g, t in zip(got, truth)])
     assert rec >= 0.85
     assert c["index_bytes"] <= 2**30 and c["qps"] > 0

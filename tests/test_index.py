@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from irkit.errors import ConfigError, StoreError
-from irkit.search.index import Index, id_keys
+from irkit.search.index import Index, exact_knn, id_keys
 from irkit.search.indexing import build_index, open_index
-from irkit.search.qe import exact_neighbours
 from irkit.store import FeatureStore
 
 
@@ -59,7 +58,7 @@ def test_flat_equals_brute_force(data):
     assert s.dtype == np.float32 and r.dtype == np.int64 and r.shape == (50, 20)
     np.testing.assert_allclose(s, bs, atol=1e-5)
     assert recall(r, br) == 1.0
-    es, er = exact_neighbours(q, x, 20)
+    es, er = exact_knn(q, x, 20, batch_size=700)  # streamed in blocks, no copy of x
     np.testing.assert_allclose(es, bs, atol=1e-5)
     assert recall(er, br) == 1.0
 

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irkit.errors import ConfigError, StoreError
-from irkit.search.index import Index, default_index_path, dim_of, iter_blocks, num_rows, rows_source
+from irkit.search.index import Index, default_index_path, dim_of, exact_knn, num_rows, rows_source
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +146,6 @@ class AutoIndexResult:
                 f"on {c['n_queries']} held-out queries, {c['query_ms']:.2f} ms/query, {c['qps']:.0f} q/s (batch)")
 
 
-def exact_topk(q: np.ndarray, vectors: Any, k: int, batch_size: int = 65536) -> np.ndarray:
-    """Rows [nq, k] of the exact top-k by inner product, streaming the vectors in blocks (bounded memory)."""
-    best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
-    best_r = np.zeros((q.shape[0], 0), dtype=np.int64)
-    for start, block in iter_blocks(vectors, batch_size):
-        s = np.concatenate([best_s, q @ block.T], axis=1)
-        r = np.concatenate([best_r, np.broadcast_to(np.arange(start, start + len(block)), (len(q), len(block)))], 1)
-        if s.shape[1] > k:
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
-        best_s, best_r = s, r
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_r, order, 1)
-
-
 def _index_bytes(index: Index) -> int:
     return int(faiss.serialize_index(index.faiss_index).size)
 
@@ -230,7 +215,7 @@ def choose_index(vectors: Any, max_memory: int | str, *, max_query_ms: float | N
     rng = np.random.default_rng(seed)
     self_rows = np.sort(rng.choice(n, size=min(int(n_queries), n), replace=False))
     q = np.ascontiguousarray(rows_source(vectors)(self_rows), dtype=np.float32)
-    exact = exact_topk(q, vectors, k + 1)
+    exact = exact_knn(q, vectors, k + 1)[1]
     truth = _drop_self(exact, self_rows, k)
     cands = candidates(n, dim, max_memory, families)
     trials: list[Trial] = []
@@ -296,5 +281,5 @@ def auto_build_index(store: Any, max_memory: int | str, path: Any = None, **kwar
     return result
 
 
-__all__ = ["choose_index", "auto_build_index", "exact_topk", "candidates", "parse_size", "format_bytes", "AutoIndexResult",
+__all__ = ["choose_index", "auto_build_index", "candidates", "parse_size", "format_bytes", "AutoIndexResult",
            "Candidate", "Trial"]

@@ -176,6 +176,21 @@ def best_first(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray
     return scores, rows
 
 
+def exact_knn(q: np.ndarray, vectors: Any, k: int, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product of ``q`` over ``vectors`` (array, memmap or FeatureStore), streamed
+    in blocks through faiss with bounded memory and no copy of the database: ground truth and
+    neighbour lists where no index exists. (scores [nq, k] float32, rows [nq, k] int64), best first."""
+    q = as_queries(q, dim_of(vectors))
+    k = min(int(k), num_rows(vectors))
+    heap = faiss.ResultHeap(q.shape[0], k, keep_max=True)
+    for start, block in iter_blocks(vectors, batch_size):
+        d, i = faiss.knn(q, np.ascontiguousarray(block, dtype=np.float32), min(k, len(block)),
+                         metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(d, np.where(i >= 0, i + start, -1))
+    heap.finalize()
+    return heap.D.astype(np.float32), heap.I.astype(np.int64)
+
+
 def default_train_size(index: faiss.Index, n: int) -> int:
     """Enough points for k-means (about 64 per IVF list, faiss warns under 39) and PQ (>= 256·64)."""
     want = 65536
@@ -668,4 +683,4 @@ def default_index_path(store: "FeatureStore") -> Path:
 
 
 __all__: Sequence[str] = ["Index", "check_fresh", "check_same_store", "default_index_path",
-                          "default_train_size", "id_keys"]
+                          "default_train_size", "exact_knn", "id_keys"]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from irkit.errors import ConfigError
-from irkit.search.index import Index, rows_source
+from irkit.search.index import exact_knn, rows_source
 
 try:  # torch is a project dependency, but QE itself only needs numpy
     import torch
@@ -68,9 +68,8 @@ def _neighbours(q: np.ndarray, db: Any, k: int, neighbours: tuple | None) -> tup
 
 
 def exact_neighbours(q: np.ndarray, db: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of ``q`` over ``db`` by an exact (Flat) :class:`Index`, for callers that pass no neighbours."""
-    k = min(int(k), db.shape[0])
-    return Index.build(np.asarray(db, dtype=np.float32), "Flat", progress=False).search(q, k)
+    """Top-k of ``q`` over ``db`` (:func:`irkit.search.index.exact_knn`), for callers that pass no neighbours."""
+    return exact_knn(q, db, k)
 
 
 def _weighted_sum(base: np.ndarray, db: Any, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
