@@ -225,3 +225,23 @@ def test_eval_takes_lambda_and_topk_from_the_rerank_json_beside_the_weights(tmp_
     assert "top 3" in out and "lambda 0.0, from rerank.json" in out
     assert main(args + ["--lambda", "0.5"]) == 0
     assert "top 3" in (out := capsys.readouterr().out) and "lambda 0.5," in out
+
+
+def test_an_empty_store_opens_and_fills_by_adds(tmp_path):
+    """open_index of an empty store: an exact index keyed by id (nothing to train on yet) that adds fill."""
+    from irkit.extract import model_config
+    from irkit.models.registry import build_model
+    from irkit.search.indexing import open_index
+    from irkit.store import FeatureStore
+
+    serve_tiny.register()
+    model = build_model(serve_tiny.PRESET)
+    cfg = model_config(model, model.default_scales, True)
+    FeatureStore.open_or_create(tmp_path / "s", model=model.preset_name, config=cfg, dim=model.dim).close()
+    assert open_index(FeatureStore.open(tmp_path / "s"), "IVF4,Flat").factory == "Flat"
+    engine = SearchEngine.open(tmp_path / "s", model=model)
+    img = np.asarray(Image.open(serve_tiny.make_images(tmp_path / "img", 1)[0]).convert("RGB"))
+    assert engine.search(img, k=3) == []
+    desc, fmap = engine.embed_with_map(img)
+    engine.add(["first"], ["first.png"], desc[None], maps=[fmap])
+    assert [h["id"] for h in engine.search(img, k=3)] == ["first"] and engine.index.counters["trains"] == 0

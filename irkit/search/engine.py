@@ -102,7 +102,7 @@ class SearchEngine:
         if model is None:
             model = build_model(store.meta["model"], weights=weights, device=device)
         check_model(store, model, check_config)
-        index = _empty_or_open(store, factory)
+        index = open_index(store, factory)
         return cls(store, model, index)
 
     # ------------------------------------------------------------------ embedding
@@ -300,18 +300,6 @@ def check_model(store: FeatureStore, model: GlobalModel, check_config: bool = Tr
         raise StoreError(f"store {store.root} was extracted with another configuration of {model.preset_name} "
                          f"(differs in {', '.join(diff) or 'hash'}: weights {stored.get('weights')} vs "
                          f"{mine.get('weights')}); use the same --weights and scales it was extracted with")
-
-
-def _empty_or_open(store: FeatureStore, factory: str | None) -> Index:
-    """The store's index; an empty store gets an empty exact index keyed by id (filled by ``add``:
-    a trained index type needs vectors to train on, so build it with `irkit index` once there are some)."""
-    if len(store):
-        return open_index(store, factory)
-    if factory not in (None, "Flat"):
-        log.warning("store %s is empty: serving an exact (Flat) index instead of %r", store.root, factory)
-    index = Index(Index.create(store.dim, "Flat"), "Flat", key_mode="id")
-    index.attach(store)
-    return index
 
 
 __all__ = ["SearchEngine", "SearchOptions", "check_model", "QE_METHODS", "RERANK_METHODS"]

@@ -332,15 +332,16 @@ class Index:
         keys = np.unique(id_keys(ids))
         if not len(keys):
             return 0
-        present = keys[np.isin(keys, self.stored_keys())]
-        if not len(present):
-            return 0
-        try:
-            self.faiss_index.remove_ids(faiss.IDSelectorBatch(present))
-        except RuntimeError:
-            self.tombstones.update(int(k) for k in present)
-        self.counters["removes"] += 1
-        return int(len(present))
+        try:  # faiss deletes and counts in one pass (no copy of every stored key per delete)
+            removed = int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(keys)))
+        except RuntimeError:  # this type cannot delete: tombstone the keys it holds
+            present = keys[np.isin(keys, self.stored_keys())]
+            present = [int(k) for k in present if int(k) not in self.tombstones]
+            self.tombstones.update(present)
+            removed = len(present)
+        if removed:
+            self.counters["removes"] += 1
+        return removed
 
     def add_batch_rows(self) -> int:
         """Rows per faiss ``add`` call that keep faiss's temporaries under ``ADD_TEMP_BYTES``.

@@ -56,6 +56,13 @@ def open_index(store: "FeatureStore", factory: str | None = None, path: str | os
     """
     if factory is None and path is None and has_milvus_index(store):
         return open_milvus_index(store)
+    if len(store) == 0:  # nothing to train on yet: an exact index keyed by id, filled by adds
+        if factory not in (None, "Flat"):
+            log.warning("store %s is empty: an exact (Flat) index instead of %r until `irkit index` has "
+                        "vectors to train on", store.root, factory)
+        index = Index(Index.create(store.dim, "Flat"), "Flat", key_mode="id")
+        index.attach(store)
+        return index
     path = Path(path) if path is not None else default_index_path(store)
     reason = ""
     if path.exists():
