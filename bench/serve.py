@@ -17,7 +17,6 @@ say more about the neighbours than about the service. Exits non-zero if the burs
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -28,22 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import serve_tiny  # noqa: E402
+from serve_tiny import png_bytes  # noqa: E402
 from _machine import machine_report  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def png(seed: int, size: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def load_report(tag: str) -> tuple[float, bool]:
@@ -223,7 +214,7 @@ def main() -> int:
         else:
             serve_tiny.register()
             store = serve_tiny.build_store(tmp, n=args.images)
-            queries = [png(10_000 + i) for i in range(64)]
+            queries = [png_bytes(10_000 + i, 64) for i in range(64)]
         log = tmp / "server.log"
         server = serve_tiny.LiveServer(store, log, "--workers", str(args.workers), "--max-queue", str(args.max_queue),
                                        "--queue-timeout", str(args.queue_timeout), token=None)

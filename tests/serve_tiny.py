@@ -5,6 +5,7 @@ subprocess can load the tiny model: ``python tests/serve_tiny.py serve --store D
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def register() -> None:
         register_preset(Preset(PRESET, TinyNet, "test-only tiny model with a re-ranker"))
     if PLAIN_PRESET not in list_presets():
         register_preset(Preset(PLAIN_PRESET, TinyPlain, "test-only tiny model without a re-ranker"))
+
+
+def png_bytes(seed: int = 1, size: int = 48) -> bytes:
+    """A PNG of random 8x8-pixel blocks (``size`` square): distinct images for uploads, by seed."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def make_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:

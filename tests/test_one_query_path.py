@@ -2,7 +2,6 @@
 service serves the index `irkit index` built and keeps it current by id, without rebuilding it."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import serve_tiny
+from serve_tiny import png_bytes
 from irkit.cli import main
 from irkit.io.images import load_image
 from irkit.ranking import Ranking
@@ -80,14 +80,6 @@ def test_search_output_is_a_ranking_file(store, query, tmp_path, capsys):
     assert ranks.shape == (5, 2) and ranks[0, 0] == 11
 
 
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (8, 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_service_serves_the_built_ivfpq_index_and_updates_it_by_id(tmp_path):
     store = serve_tiny.build_store(tmp_path, n=64)
     assert main(["index", str(store), "--factory", "IVF2,PQ4x4", "--nprobe", "2"]) == 0
@@ -98,7 +90,7 @@ def test_service_serves_the_built_ivfpq_index_and_updates_it_by_id(tmp_path):
         assert stats["factory"] == "IVF2,PQ4x4" and stats["ntotal"] == 64 and stats["counters"]["trains"] == 0
         for batch in range(4):  # 100 adds in 4 requests
             ids = [f"new{batch * 25 + i:03d}" for i in range(25)]
-            files = [("images", (f"{i}.png", png(1000 + batch * 25 + j), "image/png")) for j, i in enumerate(ids)]
+            files = [("images", (f"{i}.png", png_bytes(1000 + batch * 25 + j, 64), "image/png")) for j, i in enumerate(ids)]
             r = client.post("/images", headers=AUTH, files=files, data={"ids": ",".join(ids)})
             assert r.status_code == 201, r.text
         gone = [f"new{i:03d}" for i in range(0, 100, 2)] + [f"img{i:03d}" for i in range(0, 64, 2)] + \
@@ -185,7 +177,7 @@ def test_cli_api_and_service_search_a_milvus_collection(tmp_path, query, capsys)
         http = client.post("/search", files={"image": ("q.png", query.read_bytes(), "image/png")},
                            data={"k": "5"}).json()["results"]
         assert [h["id"] for h in http] == [h["id"] for h in api]
-        r = client.post("/images", headers=AUTH, files={"images": ("n.png", png(77), "image/png")},
+        r = client.post("/images", headers=AUTH, files={"images": ("n.png", png_bytes(77, 64), "image/png")},
                         data={"ids": "added"})
         assert r.status_code == 201, r.text
         assert client.delete("/images/img003", headers=AUTH).status_code == 200

@@ -10,7 +10,6 @@ import io
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,6 +18,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import serve_tiny  # noqa: E402  (tests/ is on sys.path under pytest's rootdir import mode)
+from serve_tiny import png_bytes  # noqa: E402
 from irkit.serve.app import create_app  # noqa: E402
 from irkit.serve.concurrency import InferencePool, RWLock  # noqa: E402
 from irkit.search.engine import SearchOptions  # noqa: E402
@@ -30,13 +30,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMITS = Limits(max_body_bytes=2 * 1024 * 1024, max_pixels=1_000_000, max_k=50, max_images_per_add=3)
 OPTIONS = SearchOptions(topk=8)
 
-
-def png_bytes(seed: int = 1, size: int = 48) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def jpeg_bytes(seed: int = 2) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import random
 import subprocess
@@ -19,15 +18,14 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import serve_tiny  # noqa: E402
+from serve_tiny import png_bytes  # noqa: E402
 from irkit.serve.app import create_app  # noqa: E402
 from irkit.serve.engine import Limits  # noqa: E402
 from irkit.store import FeatureStore  # noqa: E402
@@ -36,13 +34,6 @@ TOKEN = "fault-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_K = 500
 
-
-def png_bytes(seed: int, size: int = 48) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def listing(c, any_id: str) -> set[str]:
@@ -166,6 +157,17 @@ def test_kill_9_during_writes_loses_nothing(tmp_path, mode):
 
 # ---------------------------------------------------------------------------------- disk full
 
+def manifest_write_fails(real, fail: dict):
+    """``atomic_write_json`` that finds the device full (ENOSPC) while ``fail["left"]`` > 0 (counting
+    down, so a test can check the fault fired), then writes as usual."""
+    def full_disk(path, obj):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+    return full_disk
+
+
 LIMITS = Limits(max_body_bytes=2 * 1024 * 1024, max_pixels=1_000_000, max_k=MAX_K, max_images_per_add=4)
 
 
@@ -198,11 +200,7 @@ def test_disk_full_during_add_is_507_and_changes_nothing(tmp_path, monkeypatch, 
                     fail["left"] -= 1          # ... and then the device is full
                     raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     else:
-        def full_disk(path, obj):
-            if fail["left"]:
-                fail["left"] -= 1
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return real(path, obj)
+        full_disk = manifest_write_fails(real, fail)
 
     with TestClient(create_app(store, token=TOKEN, limits=LIMITS)) as c:
         before = assert_consistent(c, store)
@@ -312,14 +310,8 @@ def test_disk_full_during_delete_is_507_and_changes_nothing(tmp_path, monkeypatc
     import irkit.store as store_mod
 
     store = serve_tiny.build_store(tmp_path, n=8)
-    real = store_mod.atomic_write_json
     fail = {"left": 1}
-
-    def full_disk(path, obj):
-        if fail["left"]:
-            fail["left"] -= 1
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, obj)
+    full_disk = manifest_write_fails(store_mod.atomic_write_json, fail)
 
     with TestClient(create_app(store, token=TOKEN, limits=LIMITS)) as c:
         before = assert_consistent(c, store)

@@ -8,7 +8,6 @@ for tracebacks.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 import struct
@@ -16,27 +15,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 import serve_tiny  # noqa: E402
+from serve_tiny import png_bytes  # noqa: E402
 from irkit.serve.concurrency import ClientGone, InferencePool  # noqa: E402
 from irkit.serve.errors import Busy  # noqa: E402
 
 QUEUE_TIMEOUT = 5.0
 BODY_TIMEOUT = 2.0
 
-
-def png_bytes(seed: int, size: int = 48) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------ pool (in-process)
