@@ -67,6 +67,37 @@ def test_image_recipe_validates_keeps_best_and_stops_early(tmp_path):
     assert best.is_file() and json.loads(best.with_suffix(".json").read_text())["best"]["step"] == 0
 
 
+def _revisitop_ap(order: list[int], positives: set[int], junk: set[int]) -> float:
+    """AP by the revisitop trapezoid rule, written out from its definition."""
+    kept = [i for i in order if i not in junk]
+    hits = [r for r, i in enumerate(kept) if i in positives]
+    return sum(((k / r if r else 1.0) + (k + 1) / (r + 1)) / 2 / len(positives) for k, r in enumerate(hits))
+
+
+def test_validation_ranks_held_out_images_among_training_distractors(tmp_path):
+    from irkit.extract import embed_arrays
+    from irkit.io.images import load_image, resize_max_side
+
+    folder = _folder(tmp_path / "pool")
+    cfg = _cfg(tmp_path, folder, "data.val_class_names=[b,d]", "data.val_distractors=4")
+    trainer = Trainer(cfg)
+    out = trainer.recipe.validate(trainer)
+    assert out["val_images"] == 5 and out["val_distractors"] == 4
+    # reference: the same model's descriptors, ranked by brute force, AP from its definition
+    val, train = trainer.data.val, trainer.data.source
+    picks = sorted(np.random.default_rng([int(cfg.seed), 4099]).permutation(len(train))[:4].tolist())
+    paths = list(val.paths) + [train.paths[i] for i in picks]
+    model = trainer.recipe.export().eval()
+    x = embed_arrays(model, [resize_max_side(load_image(p), 64) for p in paths], [1.0])
+    lab = np.asarray(val.labels)
+    aps = [_revisitop_ap(np.argsort(-(x @ x[j]), kind="stable").tolist(),
+                         {int(i) for i in np.flatnonzero(lab == lab[j]) if i != j}, {j}) for j in range(len(lab))]
+    assert out["val_map"] == pytest.approx(100 * np.mean(aps), abs=1e-6)
+    # distractors can only push positives down
+    trainer.cfg.data.val_distractors = 0
+    assert trainer.recipe.validate(trainer)["val_map"] >= out["val_map"] - 1e-9
+
+
 def test_select_rerank_keeps_global_when_reranking_hurts_and_uses_a_good_one():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(6), 4)

@@ -114,6 +114,7 @@ class DataConfig:
     val_classes: int = 0      # classes held out for validation (drawn with the seed); every recipe
     val_class_names: list[str] = field(default_factory=list)   # or these classes (overrides val_classes)
     val_max_side: int = 320   # image recipes: validation images' larger side (one scale)
+    val_distractors: int = 256   # image recipes: training images added to the validation database
     extract_batch: int = 16   # images per forward pass when caching maps (cvnet-rerank)
     cache_dir: str = ""       # where cached maps go ("" = out_dir)
     views: ViewsConfig = field(default_factory=ViewsConfig)
