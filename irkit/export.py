@@ -289,7 +289,7 @@ ONNX_FASTER_FAMILIES = ("effnetlite0-gem", "effnetlite1-gem", "effnetlite2-gem",
 RUNTIME_TOL = 1e-4
 #: how the exported graph treats input sizes (part of the cache key)
 SIZE_POLICY = "dynamic-hw"
-_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()   # (weights_stamp, runner)
 _RUNNERS_LOCK = threading.Lock()
 
 
@@ -333,12 +333,21 @@ def forward_runner(model: nn.Module) -> Any:
     asked for explicitly)."""
     if runtime_of(model) == "torch" or getattr(model, "is_onnx", False):
         return model
+    stamp = weights_stamp(model)
     with _RUNNERS_LOCK:
-        runner = _RUNNERS.get(model)
-        if runner is None:
-            runner = _build_runner(model)
-            _RUNNERS[model] = runner
-    return runner
+        entry = _RUNNERS.get(model)
+        if entry is None or entry[0] != stamp:   # first use, or the weights changed since the export
+            entry = (stamp, _build_runner(model))
+            _RUNNERS[model] = entry
+    return entry[1]
+
+
+def weights_stamp(model: nn.Module) -> tuple:
+    """Changes whenever ``model``'s weights do through autograd-visible ops (optimiser steps,
+    ``load_state_dict``, replaced tensors): every tensor's storage and in-place version counter.
+    Cheap enough to check per batch; writes through ``.data`` are invisible to it (call
+    :func:`set_runtime` after those)."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
 
 def _build_runner(model: nn.Module) -> Any:

@@ -87,6 +87,45 @@ def test_onnx_runtime_matches_torch_and_caches_the_export(cache: Path) -> None:
     assert len(list((cache / "onnx").glob("*.onnx"))) == 2
 
 
+def test_onnx_session_follows_weight_changes(cache: Path) -> None:
+    """A model whose weights change after its first onnx use (training, load_state_dict) is
+    exported again: the session never serves the old weights."""
+    model = set_runtime(_tiny(), "onnx")
+    imgs = _images(2)
+    before = embed_arrays(model, imgs)
+    other = _tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    model.load_state_dict(other.state_dict())                         # in place: same module object
+    after = embed_arrays(model, imgs)
+    ref = embed_arrays(set_runtime(other, "torch"), imgs)
+    assert np.max(np.abs(after - before)) > 1e-2
+    assert np.min(np.sum(ref * after, axis=1)) >= 1 - 1e-4
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)                 # an optimiser step, as in training
+    model.train()
+    (model(torch.rand(2, 3, 32, 32)) ** 2).sum().backward()
+    opt.step()
+    model.eval()
+    stepped = embed_arrays(model, imgs)
+    assert np.min(np.sum(embed_arrays(set_runtime(_copy(model), "torch"), imgs) * stepped, axis=1)) >= 1 - 1e-4
+    assert len(list((cache / "onnx").glob("*.onnx"))) == 3
+
+
+def _copy(model: _Net) -> _Net:
+    twin = _tiny()
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def test_training_evaluates_in_torch() -> None:
+    """Recipes evaluate the model they train in torch (no export per evaluation)."""
+    from irkit.train.recipe_base import Recipe
+
+    model = _tiny()
+    assert export.requested_runtime(Recipe(model, None, 2).model) == "torch"
+
+
 def test_auto_uses_onnx_only_for_the_families_measured_faster(monkeypatch) -> None:
     model = _tiny()
     assert runtime_of(model) == "torch" and forward_runner(model) is model

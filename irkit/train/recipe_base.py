@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irkit.export import set_runtime
 from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
 from irkit.train.data_kinds import TrainData, build_dataset
@@ -51,7 +52,9 @@ class Recipe(nn.Module):
 
     def __init__(self, model: GlobalModel, cfg, num_classes: int) -> None:
         super().__init__()
-        self.model = model
+        # Evaluations during training run the model in torch: its weights change every step, and an
+        # onnxruntime session would need a fresh export (and a cache file) per evaluation.
+        self.model = set_runtime(model, "torch")
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.step = 0  # set by the trainer before each forward (schedules inside recipes)
