@@ -148,3 +148,16 @@ def test_folder_kind_applies_min_images_and_max_classes(tmp_path):
     assert not label_free and data.num_classes == 4 and len(data) == 8
     data, _, _ = load_source(make_config("joint", base + ["data.min_images=2", "data.max_classes=2"]))
     assert data.class_names == ["a", "c"] and data.labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_curve_draws_the_held_out_validation_map(tmp_path):
+    """An image recipe's eval.csv holds val_map only: the curve gets its mAP panel (one panel is
+    450 px wide at the saved size, two are 900)."""
+    from PIL import Image
+
+    from irkit.train.curves import plot_learning_curve
+
+    (tmp_path / "metrics.csv").write_text("step,loss\n5,2.0\n10,1.5\n")
+    assert Image.open(plot_learning_curve(tmp_path)).size[0] == 450
+    (tmp_path / "eval.csv").write_text("step,val_map,val_images\n0,90.5,10\n10,92.0,10\n")
+    assert Image.open(plot_learning_curve(tmp_path)).size[0] == 900

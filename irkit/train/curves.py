@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 #: eval.csv columns drawn (when present), on a 0-1 axis or a 0-100 axis
 _RATE_COLUMNS = ("val_auc", "val_acc")
-_MAP_COLUMNS = ("easy", "medium", "hard")
+_MAP_COLUMNS = ("val_map", "easy", "medium", "hard")   # held-out-class mAP, revisitop protocols
 
 
 def read_csv_columns(path: Path) -> dict[str, list[float]]:
@@ -76,7 +76,7 @@ def plot_learning_curve(out_dir: str | Path, title: str = "", name: str = "learn
         ax = axes[0][i]
         for c in maps:
             if any(not math.isnan(v) for v in val[c]):
-                ax.plot(val["step"], val[c], "o-", label=f"mAP {c}")
+                ax.plot(val["step"], val[c], "o-", label="validation mAP" if c == "val_map" else f"mAP {c}")
         ax.set_xlabel("step")
         ax.set_ylabel("mAP (%)")
         ax.legend(loc="best")
