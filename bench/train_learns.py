@@ -108,7 +108,7 @@ def heldout_map(model, queries, db, gnd) -> float:
     q = embed_arrays(model, queries, [1.0])
     x = embed_arrays(model, db, [1.0])
     model.train(was)
-    return float(evaluate_ranks(ranks_from_scores(x @ q.T), gnd)["easy"]["map"])
+    return float(evaluate_ranks(ranks_from_scores(x @ q.T), gnd, protocols=("easy",))["easy"]["map"])
 
 
 def run_scenes(args) -> dict:
@@ -146,7 +146,7 @@ def random_features_map(db, gnd, n_queries: int, dim: int = 128, seed: int = 0) 
     g = np.random.default_rng(seed)
     q = g.standard_normal((n_queries, dim)).astype(np.float32)
     x = g.standard_normal((len(db), dim)).astype(np.float32)
-    return float(evaluate_ranks(ranks_from_scores(x @ q.T), gnd)["easy"]["map"])
+    return float(evaluate_ranks(ranks_from_scores(x @ q.T), gnd, protocols=("easy",))["easy"]["map"])
 
 
 # ---------------------------------------------------------------------------------- (b) finetune
@@ -298,7 +298,7 @@ def pool_val_map(x, labels, held: np.ndarray, method, dims, shrinkage) -> float:
     lab = labels[va]
     gnd = [{"easy": [int(i) for i in np.flatnonzero(lab == lab[j]) if i != j], "hard": [], "junk": [j], "bbx": None}
            for j in range(len(lab))]
-    return float(evaluate_ranks(ranks_from_scores(y @ y.T), gnd)["easy"]["map"])
+    return float(evaluate_ranks(ranks_from_scores(y @ y.T), gnd, protocols=("easy",))["easy"]["map"])
 
 
 def stage_whitening(args, base_run, seeds) -> dict:

@@ -44,7 +44,7 @@ def pool_val_map(model, pool, val_classes: list[str], side: int, scales, distrac
     lab = pool.labels[vrows]
     gnd = [{"easy": [int(i) for i in np.flatnonzero(lab == lab[j]) if i != j], "hard": [], "junk": [j], "bbx": None}
            for j in range(len(vrows))]
-    return float(evaluate_ranks(ranks_from_scores(x @ x[:len(vrows)].T), gnd)["easy"]["map"])
+    return float(evaluate_ranks(ranks_from_scores(x @ x[:len(vrows)].T), gnd, protocols=("easy",))["easy"]["map"])
 
 
 def minidev_groups(model, data_dir: Path) -> dict[str, dict[str, float]]:

@@ -164,6 +164,21 @@ def test_hand_worked_example():
     assert "Medium" in table and "70.28" in table and "mP@10" in table
 
 
+def test_protocol_subset_scores_only_those(caplog):
+    """Label-based validation asks for "easy" alone: the same numbers as the full evaluation, and
+    no warning about the empty Hard protocol."""
+    gnd = [{"bbx": None, "easy": [0, 2], "hard": [], "junk": [5]},
+           {"bbx": None, "easy": [1], "hard": [], "junk": []}]
+    ranks = np.array([[3, 0, 5, 1, 4, 2], [1, 0, 2, 3, 4, 5]]).T
+    full = evaluate_ranks(ranks, gnd)                                 # warns: Hard has no positives
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        easy = evaluate_ranks(ranks, gnd, protocols=("easy",))
+    assert list(easy) == ["easy"] and not caplog.records
+    assert easy["easy"]["map"] == full["easy"]["map"]
+    np.testing.assert_array_equal(easy["easy"]["aps"], full["easy"]["aps"])
+
+
 def test_evaluate_positions_truncated_and_streaming():
     # positives at 0 and 3 found, a third positive never ranked (n_pos=3) adds 0
     res = evaluate_positions([np.array([3, 0])], [np.array([1])], n_pos=[3])

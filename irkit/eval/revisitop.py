@@ -173,7 +173,7 @@ def _gnd_entries(gnd: Sequence[dict] | Mapping) -> tuple[Sequence[dict], int | N
 
 
 def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict] | Mapping, kappas: Sequence[int] = DEFAULT_KAPPAS,
-                   n_db: int | None = None) -> dict:
+                   n_db: int | None = None, protocols: Sequence[str] = PROTOCOLS) -> dict:
     """mAP / mP@k of the three protocols from rankings ``ranks[depth, n_q]`` (0-based database
     indices, best first), exactly as revisitop's ``compute_map``.
 
@@ -185,13 +185,14 @@ def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict] | Mapping, kappas: Seq
     number of images the indices address (the database, plus any distractors numbered after it);
     default ``len(gnd["imlist"])`` for a whole ground truth, else unknown: indices are then only
     checked to be non-negative. Each column must list an image at most once.
+    ``protocols``: the ones to score (label-based validation has only "easy" positives).
     Returns ``{"easy"|"medium"|"hard": {"map", "mp@k"..., "aps"}}`` in percent.
     """
     entries, gt_db = _gnd_entries(gnd)
     n_db = gt_db if n_db is None else int(n_db)
     check_ranks(ranks, n_queries=len(entries), n_db=n_db)
     rows, nq = ranks.shape
-    sets = [{p: protocol_sets(e, p) for p in PROTOCOLS} for e in entries]
+    sets = [{p: protocol_sets(e, p) for p in protocols} for e in entries]
     gnd_hi = -1
     for q, s in enumerate(sets):
         hi = max((int(a.max()) for pair in s.values() for a in pair if a.size), default=-1)
@@ -208,9 +209,9 @@ def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict] | Mapping, kappas: Seq
     positions = np.arange(rows, dtype=idx_dtype)
     # a strided column makes the scatter below 3x slower: copy it to a contiguous buffer first
     column = None if ranks[:, 0].flags.c_contiguous else np.empty(rows, dtype=ranks.dtype)
-    pos_all: dict[str, list[np.ndarray]] = {p: [] for p in PROTOCOLS}
-    ign_all: dict[str, list[np.ndarray]] = {p: [] for p in PROTOCOLS}
-    n_pos: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
+    pos_all: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
+    ign_all: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
+    n_pos: dict[str, list[int]] = {p: [] for p in protocols}
     for q in range(nq):
         col = ranks[:, q]
         if column is not None:
@@ -221,14 +222,14 @@ def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict] | Mapping, kappas: Seq
             first = int(np.flatnonzero(inverse[col] != positions)[0])
             raise RankingError(f"ranking of query {q} repeats database index {int(col[first])} (ranks {first} "
                                f"and {int(inverse[col[first]])}); a ranking lists each image at most once")
-        for p in PROTOCOLS:
+        for p in protocols:
             pos, ign = sets[q][p]
             found, found_ign = inverse[pos], inverse[ign]
             pos_all[p].append(found[found >= 0])
             ign_all[p].append(found_ign[found_ign >= 0])
             n_pos[p].append(len(pos))
         inverse[col] = -1                            # O(depth) reset: top-k of a 1M database stays cheap
-    return {p: evaluate_positions(pos_all[p], ign_all[p], n_pos=n_pos[p], kappas=kappas) for p in PROTOCOLS}
+    return {p: evaluate_positions(pos_all[p], ign_all[p], n_pos=n_pos[p], kappas=kappas) for p in protocols}
 
 
 def ranks_from_scores(scores: np.ndarray) -> np.ndarray:

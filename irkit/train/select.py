@@ -85,7 +85,7 @@ def select_rerank(sim: np.ndarray, gnd: list[dict], score: Callable[[int, np.nda
         kk = min(k, n_db)
         for lam in lambdas:
             ranks = np.stack([_resort(orders[j], sim[j], rrs[j], kk, lam) for j in range(n_q)], axis=1)
-            grid.append({"lambda": lam, "topk": k, "map": float(evaluate_ranks(ranks, gnd)[protocol]["map"])})
+            grid.append({"lambda": lam, "topk": k, "map": float(evaluate_ranks(ranks, gnd, protocols=(protocol,))[protocol]["map"])})
     base = next(g["map"] for g in grid if g["lambda"] == 0.0)
     if min_gain < 0 or not np.isfinite(min_gain):
         raise ConfigError(f"select_rerank: min_gain must be >= 0, got {min_gain}")
