@@ -287,18 +287,15 @@ def pool_val_map(x, labels, held: np.ndarray, method, dims, shrinkage) -> float:
     """mAP of the held-out classes' images querying each other, the whitening learned on the rest."""
     import torch as T
 
-    from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
     from irkit.nn.whitening import learn_whitening
+    from irkit.train.select import labelled_map
 
     tr, va = ~held, held
     y = x[va]
     if method != "none":
         w = learn_whitening(T.from_numpy(x[tr]), labels[tr], method, dims=dims, shrinkage=shrinkage)
         y = w.apply(T.from_numpy(y)).numpy()
-    lab = labels[va]
-    gnd = [{"easy": [int(i) for i in np.flatnonzero(lab == lab[j]) if i != j], "hard": [], "junk": [j], "bbx": None}
-           for j in range(len(lab))]
-    return float(evaluate_ranks(ranks_from_scores(y @ y.T), gnd, protocols=("easy",))["easy"]["map"])
+    return labelled_map(y, labels[va], int(va.sum()))
 
 
 def stage_whitening(args, base_run, seeds) -> dict:

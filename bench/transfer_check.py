@@ -31,9 +31,9 @@ def pool_val_map(model, pool, val_classes: list[str], side: int, scales, distrac
                  seed: int) -> float:
     """mAP (%) of every held-out image querying the other held-out images plus training distractors
     (``distractors`` drawn as the trainer draws them; None = all)."""
-    from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
     from irkit.extract import embed_arrays
     from irkit.io.images import load_image, resize_max_side
+    from irkit.train.select import labelled_map
 
     is_val = np.isin(np.asarray(pool.class_names)[pool.labels], val_classes)
     vrows, trows = np.flatnonzero(is_val), np.flatnonzero(~is_val)
@@ -41,10 +41,7 @@ def pool_val_map(model, pool, val_classes: list[str], side: int, scales, distrac
         trows = np.sort(trows[np.random.default_rng([seed, 4099]).permutation(len(trows))[:distractors]])
     rows = np.concatenate([vrows, trows])
     x = embed_arrays(model, [resize_max_side(load_image(pool.paths[i]), side) for i in rows], scales)
-    lab = pool.labels[vrows]
-    gnd = [{"easy": [int(i) for i in np.flatnonzero(lab == lab[j]) if i != j], "hard": [], "junk": [j], "bbx": None}
-           for j in range(len(vrows))]
-    return float(evaluate_ranks(ranks_from_scores(x @ x[:len(vrows)].T), gnd, protocols=("easy",))["easy"]["map"])
+    return labelled_map(x, pool.labels[rows], len(vrows))
 
 
 def minidev_groups(model, data_dir: Path) -> dict[str, dict[str, float]]:

@@ -111,9 +111,9 @@ class Recipe(nn.Module):
         val = getattr(data, "val", None)
         if val is None or len(val) < 2:
             return {}
-        from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
         from irkit.extract import embed_arrays
         from irkit.io.images import load_image, resize_max_side
+        from irkit.train.select import labelled_map
 
         side, n_dis = int(self.cfg.data.val_max_side), max(0, int(self.cfg.data.val_distractors))
         key = (id(val), side, n_dis)
@@ -128,13 +128,9 @@ class Recipe(nn.Module):
         model.eval()
         x = embed_arrays(model, self._val_images, [1.0])
         model.train(was)
-        labels = np.asarray(val.labels)
-        q = x[:len(labels)]
-        gnd = [{"easy": [int(i) for i in np.flatnonzero(labels == labels[j]) if i != j], "hard": [],
-                "junk": [j], "bbx": None} for j in range(len(labels))]
-        res = evaluate_ranks(ranks_from_scores(x @ q.T), gnd, protocols=("easy",))    # [n_db, n_queries]
-        return {"val_map": float(res["easy"]["map"]), "val_images": float(len(labels)),
-                "val_distractors": float(len(x) - len(labels))}
+        n = len(val)
+        labels = np.concatenate([np.asarray(val.labels), np.full(len(x) - n, -1)])   # distractors: no label
+        return {"val_map": labelled_map(x, labels, n), "val_images": float(n), "val_distractors": float(len(x) - n)}
 
     def after_fit(self, trainer: Any) -> dict[str, Any]:
         """Called once on the main process when training ends (after the final evaluation and

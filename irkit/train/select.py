@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from irkit.errors import ConfigError
-from irkit.eval.revisitop import evaluate_ranks
+from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
 from irkit.utils import atomic_write_json
 
 __all__ = ["DEFAULT_LAMBDAS", "DEFAULT_TOPKS", "RERANK_FILE", "select_rerank", "save_rerank_choice",
@@ -42,6 +42,16 @@ def label_gnd(query_labels: Sequence[int], db_labels: Sequence[int],
         pos = [int(i) for i in np.flatnonzero(db == lab) if i != own]
         out.append({"easy": pos, "hard": [], "junk": [own] if own >= 0 else [], "bbx": None})
     return out
+
+
+def labelled_map(x: np.ndarray, labels: Sequence[int], n_queries: int) -> float:
+    """mAP (%) of the first ``n_queries`` rows of ``x`` (L2-normalised descriptors), each querying
+    every row: positives = the rows of its label, its own row ignored (:func:`label_gnd`, Easy).
+    The rows after the queries are the database's distractors and positives."""
+    labels = np.asarray(labels)
+    gnd = label_gnd(labels[:n_queries], labels, np.arange(n_queries))
+    ranks = ranks_from_scores(x @ x[:n_queries].T)                      # [n_db, n_queries]
+    return float(evaluate_ranks(ranks, gnd, protocols=("easy",))["easy"]["map"])
 
 
 def _resort(order: np.ndarray, sim: np.ndarray, rr: np.ndarray, k: int, lam: float) -> np.ndarray:
