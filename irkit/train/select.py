@@ -24,7 +24,7 @@ from irkit.eval.revisitop import evaluate_ranks, ranks_from_scores
 from irkit.utils import atomic_write_json
 
 __all__ = ["DEFAULT_LAMBDAS", "DEFAULT_TOPKS", "RERANK_FILE", "select_rerank", "save_rerank_choice",
-           "load_rerank_choice", "label_gnd"]
+           "load_rerank_choice", "label_gnd", "labelled_map"]
 
 DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_TOPKS = (10, 25, 50, 100)
