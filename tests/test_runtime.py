@@ -14,26 +14,19 @@ import irkit.export as export
 from irkit.cli import main
 from irkit.export import ExportError, OnnxModel, forward_runner, runtime_of, set_runtime
 from irkit.extract import embed_arrays
-from irkit.io.images import InputSpec
-from irkit.models.base import GlobalModel
 from irkit.models.registry import Preset, list_presets, register_preset
 from irkit.nn.pooling import GeM
+
+from tiny_model import TinyNet
 
 NAME = "test-tiny-runtime"
 
 
-class _Net(GlobalModel):
-    """conv-BN-ReLU x2 -> GeM module -> L2 (exportable: GeM is a module the exporter rewrites)."""
-
-    input_spec = InputSpec()
-    default_scales = (0.5, 1.0)
-    dim = 16
+class _Net(TinyNet):
+    """The tests' tiny network with a GeM *module* (the exporter rewrites it), so it exports to onnx."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
-                                        torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
-                                        torch.nn.BatchNorm2d(16), torch.nn.ReLU())
         self.pool = GeM()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from irkit.io.images import InputSpec
 from irkit.models.base import GlobalModel
-from irkit.models.registry import Preset, list_presets, register_preset
+from irkit.models.registry import Preset, register_preset
 from irkit.nn.pooling import gem
 
 NAME = "test-tiny-extract"
@@ -38,12 +38,9 @@ def _tiny() -> TinyNet:
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
-    net.preset_name = "test-tiny-extract"
+    net.preset_name = NAME
     return net.eval()
 
 
-register_preset(Preset("test-tiny-extract", lambda: _tiny(), "test-only tiny network"))
+register_preset(Preset(NAME, lambda: _tiny(), "test-only tiny network"))
 
-
-if NAME not in list_presets():
-    register_preset(Preset(NAME, lambda: _tiny(), "test-only tiny network"))
